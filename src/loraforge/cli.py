@@ -21,6 +21,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def main() -> None:
+    """LoRA fine-tuning and serving of chat LLMs, pleasant on a CPU."""
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn the exceptions a user can cause into one clear line and exit code 1."""
     from loraforge.errors import UserError

@@ -74,7 +74,8 @@ def resolve_model(spec: str | os.PathLike | None = None) -> Path:
         return path
     known = ", ".join(sorted(BUNDLED))
     raise ModelError(
-        f"unknown model '{spec}': give a bundled name ({known}), a local HF model dir or a .gguf file"
+        f"unknown model '{spec}': give a bundled name ({known}), "
+        "a local HF model dir or a .gguf file"
     )
 
 

@@ -1,0 +1,65 @@
+"""The adapter dir contract between training and everything that uses its result.
+
+An adapter dir is a plain PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+plus ``loraforge.json``: the base model spec and the exact chat template and default system
+prompt used at training time, so chat/serve render prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from loraforge.errors import UserError
+
+META_FILE = "loraforge.json"
+
+
+class AdapterError(UserError):
+    """An adapter dir that is missing, incomplete or for another base model."""
+
+
+@dataclass
+class AdapterMeta:
+    base_model: str  # the spec given at training time: bundled name, HF dir or .gguf path
+    chat_template: str  # the Jinja template used to render training examples
+    system: str | None  # default system prompt put in front of conversations that have none
+    max_length: int | None = None
+    loraforge_version: str = ""
+
+
+def write_meta(adapter_dir: str | Path, meta: AdapterMeta) -> None:
+    from loraforge import __version__
+
+    meta.loraforge_version = meta.loraforge_version or __version__
+    (Path(adapter_dir) / META_FILE).write_text(
+        json.dumps(asdict(meta), indent=2, ensure_ascii=False)
+    )
+
+
+def read_meta(adapter_dir: str | Path) -> AdapterMeta:
+    """Read an adapter dir's metadata; a plain PEFT dir (no loraforge.json) is an error."""
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise AdapterError(f"{d}: not an adapter dir (no adapter_config.json)")
+    meta_path = d / META_FILE
+    if not meta_path.is_file():
+        raise AdapterError(f"{d}: no {META_FILE}; was it trained by loraforge?")
+    try:
+        raw = json.loads(meta_path.read_text())
+        return AdapterMeta(**{k: raw.get(k) for k in AdapterMeta.__dataclass_fields__})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise AdapterError(f"{meta_path}: unreadable ({e})") from e
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether two model specs name the same base (bundled name, or the same resolved dir)."""
+    if a == b:
+        return True
+    from loraforge.models import ModelError, resolve_model
+
+    try:
+        return resolve_model(a).resolve() == resolve_model(b).resolve()
+    except ModelError:
+        return False

@@ -11,6 +11,7 @@ The same ``prompt_ids`` is used at chat time, so training and serving render ide
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from loraforge.errors import UserError
@@ -73,8 +74,34 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}, *messages]
 
 
+# For templates that know nothing of tools (SmolLM2's, ChatML): the tool list goes into the
+# system prompt, in the call format the sharegpt function_call turns use, so that a model
+# trained on tool calls sees the definitions it is calling. Chat time renders the same way.
+TOOLS_PROMPT = (
+    "You can call the tools below. To call one, answer with a JSON object "
+    '{"name": <tool name>, "arguments": <arguments object>}.\n'
+)
+
+
+def _tools_in_system(messages: list[dict], tools) -> list[dict]:
+    listing = (
+        tools
+        if isinstance(tools, str)
+        else "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    )
+    text = TOOLS_PROMPT + listing
+    if messages and messages[0]["role"] == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 def _render(tokenizer, template: str, messages: list[dict], gen_prompt: bool, tools=None) -> str:
-    kwargs = {"tools": tools} if tools else {}
+    kwargs = {}
+    if tools and "tools" in template:
+        kwargs["tools"] = tools
+    elif tools:
+        messages = _tools_in_system(messages, tools)
     return tokenizer.apply_chat_template(
         messages,
         chat_template=template,
@@ -106,8 +133,11 @@ def assistant_spans(
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = _render(tokenizer, template, messages[:i], True, tools) if i else ""
         upto = _render(tokenizer, template, messages[: i + 1], False, tools)
+        if i:
+            before = _render(tokenizer, template, messages[:i], True, tools)
+        else:  # an opening assistant turn: whatever the template put before it is not its text
+            before = upto[: max(upto.rfind(msg["content"]), 0)]
         if not text.startswith(upto) or not upto.startswith(before):
             raise TemplateError(
                 "chat template does not render conversations prefix by prefix; "

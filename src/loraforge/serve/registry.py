@@ -1,0 +1,79 @@
+"""Runtime adapter management: which paths a client may load from, and the engine calls.
+
+A client names an adapter dir; it must resolve inside ``--adapter-root``. ``..`` is refused
+outright and the path is resolved (symlinks followed) before the check, so neither a relative
+escape nor a symlink pointing out of the root gets through.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from loraforge.serve.schemas import APIError
+
+
+def resolve_in_root(root: Path | None, path: str) -> Path:
+    """The real path of ``path`` (relative to ``root`` or to the working dir, or absolute), or a
+    400 unless it lies inside ``root``."""
+    if root is None:
+        raise APIError(
+            400,
+            "runtime adapter loading is off: start the server with --adapter-root DIR",
+            param="lora_path",
+        )
+    p = Path(path).expanduser()
+    if ".." in p.parts:
+        raise APIError(400, f"lora_path '{path}' must not contain '..'", param="lora_path")
+    real_root = root.resolve()
+    real = (p if p.is_absolute() else real_root / p).resolve()
+    if not p.is_absolute() and not real.exists() and p.resolve().exists():
+        real = p.resolve()  # "runs/shop", relative to the working dir, as vLLM users write it
+    if not real.is_relative_to(real_root):
+        raise APIError(
+            400,
+            f"lora_path '{path}' is outside the adapter root {real_root}",
+            param="lora_path",
+        )
+    if not real.is_dir():
+        raise APIError(400, f"lora_path '{path}': no such adapter dir", param="lora_path")
+    return real
+
+
+class AdapterRegistry:
+    """Loads and unloads adapters on the engine, one change at a time."""
+
+    def __init__(self, engine, root: str | Path | None):
+        self.engine = engine
+        self.root = Path(root) if root is not None else None
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.engine.adapter_names())
+
+    def load(self, name: str, path: str) -> Path:
+        from loraforge.errors import UserError
+
+        real = resolve_in_root(self.root, path)
+        with self._lock:
+            if name == self.engine.base_name or name in self.names():
+                raise APIError(
+                    400, f"The lora adapter '{name}' has already been loaded.", param="lora_name"
+                )
+            try:
+                self.engine.load_adapter(name, str(real))
+            except UserError as e:  # not an adapter dir, or trained on another base model
+                raise APIError(400, str(e), param="lora_path") from None
+        return real
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self.names():
+                raise APIError(
+                    404,
+                    f"The lora adapter '{name}' cannot be found.",
+                    param="lora_name",
+                    code="model_not_found",
+                    type="not_found_error",
+                )
+            self.engine.unload_adapter(name)

@@ -1,0 +1,169 @@
+"""`loraforge eval`: loss/perplexity on a dataset, and an identity check by generation.
+
+Loss is the mean cross-entropy over assistant tokens only (the labels training uses: the
+end-of-turn token included), token-weighted over the whole dataset, with the adapter's recorded
+chat template and system prompt. Perplexity is exp(loss).
+
+The identity check asks a question set (built-in zh + en who-are-you questions phrased unlike
+the training set's, or ``--questions FILE``) through the engine and reports the share of
+answers containing the expected name (case-insensitive) and the share that ended with EOS
+before the token limit (a tuned model that never stops is a classic label-mask bug).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraforge.errors import UserError
+
+IDENTITY_QUESTIONS = Path(__file__).parent / "data" / "builtin" / "identity_questions.jsonl"
+
+
+@dataclass
+class LossResult:
+    loss: float
+    perplexity: float
+    tokens: int  # assistant (labelled) tokens scored
+    examples: int
+    skipped: int = 0  # unusable records left out (see `loraforge data doctor`)
+
+
+@dataclass
+class IdentityResult:
+    name: str
+    questions: int
+    hit_rate: float  # share of answers containing the name
+    eos_rate: float  # share of answers that ended with EOS before max_new_tokens
+    by_tag: dict[str, float] = field(default_factory=dict)  # hit rate per tag (zh, en)
+    answers: list[dict] = field(default_factory=list)  # {"question", "answer", "hit", "eos"}
+
+
+def _template_and_system(adapter: str | None, tokenizer) -> tuple[str, str | None]:
+    """What the engine would use: the adapter's recorded template/system, else the defaults."""
+    from loraforge.adapters import read_meta
+    from loraforge.data.tokenize import DEFAULT_SYSTEM, resolve_template
+
+    if adapter:
+        meta = read_meta(adapter)
+        return meta.chat_template, meta.system
+    return resolve_template(tokenizer), DEFAULT_SYSTEM
+
+
+def eval_loss(
+    datasets: list[str],
+    *,
+    adapter: str | None = None,
+    model: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 4,
+    model_name: str | None = None,
+    model_author: str | None = None,
+    progress: bool = True,
+) -> LossResult:
+    """Token-weighted mean loss over assistant tokens of ``datasets`` (fp32, no dropout)."""
+    import torch
+    import torch.nn.functional as F
+    from rich.progress import Progress
+
+    from loraforge.adapters import AdapterError, read_meta, same_base
+    from loraforge.console import err_console
+    from loraforge.data import load_examples
+    from loraforge.data.collate import pad_batch
+    from loraforge.data.tokenize import IGNORE_INDEX
+    from loraforge.models import load_model, load_tokenizer
+
+    base = model
+    if adapter:
+        meta = read_meta(adapter)
+        if model is not None and not same_base(model, meta.base_model):
+            raise AdapterError(f"{adapter} was trained on '{meta.base_model}', not on '{model}'")
+        base = meta.base_model
+        max_length = max_length or meta.max_length
+    tokenizer = load_tokenizer(base)
+    template, system = _template_and_system(adapter, tokenizer)
+    examples, report = load_examples(
+        datasets,
+        tokenizer,
+        template=template,
+        system=system,
+        max_length=max_length,
+        model_name=model_name,
+        model_author=model_author,
+    )
+    net = load_model(base, dtype="float32")
+    if adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    net.eval()
+    # Longest first: batches of similar length waste less padding.
+    examples = sorted(examples, key=lambda e: -len(e.input_ids))
+    total, count = 0.0, 0
+    with torch.no_grad(), Progress(console=err_console, disable=not progress) as bar:
+        task = bar.add_task("scoring", total=len(examples))
+        for i in range(0, len(examples), batch_size):
+            batch = pad_batch(examples[i : i + batch_size], tokenizer.pad_token_id)
+            logits = net(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            labels = batch["labels"][:, 1:]
+            total += float(
+                F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(),
+                    labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            count += int((labels != IGNORE_INDEX).sum())
+            bar.advance(task, len(batch["input_ids"]))
+    if count == 0:
+        raise UserError("no assistant tokens to score in the dataset")
+    loss = total / count
+    return LossResult(loss, math.exp(min(loss, 700.0)), count, len(examples), report.skipped)
+
+
+def read_questions(path: str | Path | None = None) -> list[tuple[str, str]]:
+    """(question, tag) pairs: the built-in identity set, or any file `infer` reads."""
+    from loraforge.infer.batch import read_inputs
+
+    records = read_inputs(path or IDENTITY_QUESTIONS)
+    return [(msgs[-1]["content"], str(rec.get("tag") or "")) for rec, msgs in records]
+
+
+def eval_identity(
+    engine, name: str, params, *, adapter: str | None = None, questions: str | None = None
+) -> IdentityResult:
+    """Ask the question set and score the answers for ``name`` and for stopping on EOS."""
+    if not name.strip():
+        raise UserError("--expect-name: give a non-empty name")
+    pairs = read_questions(questions)
+    prompts = [[{"role": "user", "content": q}] for q, _ in pairs]
+    results = engine.generate(prompts, params, adapters=adapter)
+    needle = name.strip().casefold()
+    answers = []
+    for (q, tag), res in zip(pairs, results, strict=True):
+        answers.append(
+            {
+                "question": q,
+                "tag": tag,
+                "answer": res.text,
+                "hit": needle in res.text.casefold(),
+                "eos": res.finish_reason == "stop",
+            }
+        )
+    n = len(answers)
+    by_tag = {}
+    for tag in sorted({a["tag"] for a in answers if a["tag"]}):
+        group = [a for a in answers if a["tag"] == tag]
+        by_tag[tag] = sum(a["hit"] for a in group) / len(group)
+    return IdentityResult(
+        name=name,
+        questions=n,
+        hit_rate=sum(a["hit"] for a in answers) / n,
+        eos_rate=sum(a["eos"] for a in answers) / n,
+        by_tag=by_tag,
+        answers=answers,
+    )

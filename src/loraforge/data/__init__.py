@@ -16,7 +16,6 @@ from pathlib import Path
 from loraforge.data.formats import RecordProblem, normalise
 from loraforge.data.selfcog import fill, language, placeholders, split_pair
 from loraforge.data.sources import (
-    BUILTIN,
     DataError,
     RawRecord,
     files_of,
@@ -83,7 +82,8 @@ def load_conversations(
     out: list[Conversation] = []
     for spec in datasets:
         name, count = parse_spec(spec)
-        if name in BUILTIN and not Path(name).exists() and None in identity.values():
+        selfcog = name == "selfcog" and not Path(name).exists()
+        if selfcog and None in identity.values():
             raise DataError(
                 f"dataset '{spec}' is a self-cognition set: pass --model-name and --model-author"
             )

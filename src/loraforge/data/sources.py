@@ -1,9 +1,9 @@
 """Read dataset specs into raw records, each tagged with where it came from.
 
 A spec is a file (``.json`` list, ``.jsonl``, ``.csv``, ``.parquet``), a directory of them, or a
-built-in set (``selfcog``), optionally followed by ``#N`` to take N random records. Every record
-carries its location ("file.jsonl:12", "file.parquet#record 7") so that each problem can be
-reported as one line a user can jump to.
+built-in set (``selfcog``, ``general``), optionally followed by ``#N`` to take N random records.
+Every record carries its location ("file.jsonl:12", "file.parquet#record 7") so that each
+problem can be reported as one line a user can jump to.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from typing import TypeVar
 from loraforge.errors import UserError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-BUILTIN = {"selfcog": Path(__file__).parent / "builtin" / "selfcog.jsonl"}
+_BUILTIN_DIR = Path(__file__).parent / "builtin"
+# selfcog: the self-cognition set ({{NAME}}/{{AUTHOR}}); general: the bundled model's own answers
+# to general questions (`loraforge data distill`), mixed in to keep its everyday behaviour.
+BUILTIN = {"selfcog": _BUILTIN_DIR / "selfcog.jsonl", "general": _BUILTIN_DIR / "general.jsonl"}
 
 T = TypeVar("T")
 

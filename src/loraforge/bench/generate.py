@@ -249,3 +249,21 @@ def append_markdown(r: BenchResult, path: Path) -> None:
 
 def write_json(r: BenchResult, path: Path) -> None:
     path.write_text(json.dumps(asdict(r), indent=2))
+
+
+def print_result(res: BenchResult) -> None:
+    from rich.table import Table
+
+    from loraforge.console import console
+
+    s, b, a = res.single, res.batch, res.adapter_switch
+    title = f"{res.model} ({res.dtype}), {res.machine['cpu']}"
+    table = Table("figure", "engine", "HF generate", "engine / HF", title=title)
+    for label, d in (("1 stream tok/s", s), (f"{b['streams']} streams tok/s", b)):
+        engine = f"{d['engine_tps']:.1f} (decode {d['engine_decode_tps']:.1f})"
+        table.add_row(label, engine, f"{d['hf_tps']:.1f}", f"{d['speedup']:.2f}×")
+    switch = f"{a['switch_p50_ms']:.2f} / {a['switch_p95_ms']:.2f}"
+    table.add_row(f"adapter switch ms p50/p95 ({a['adapters_loaded']} loaded)", switch, "", "")
+    ttft = f"{a['ttft_switch_p50_ms']:.1f} / {a['ttft_same_p50_ms']:.1f}"
+    table.add_row("TTFT ms p50 (switching / same adapter)", ttft, "", "")
+    console.print(table)

@@ -1,0 +1,162 @@
+"""Checkpoints: atomic, resumable, rotated.
+
+A checkpoint is ``<output>/checkpoints/step-000040/``: a plain PEFT adapter dir (so it can be
+chatted with or served as is) plus ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` and
+``state.json`` (step, data position, best val loss). It is written into a hidden temp dir and
+renamed into place only when complete, so a kill during a save leaves the previous checkpoint
+usable; readers only consider dirs whose ``state.json`` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge.errors import UserError
+
+CKPT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(UserError):
+    """A --resume that has nothing usable to resume from."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro-batches consumed: the data position
+    tokens_seen: int = 0
+    train_seconds: float = 0.0  # time in training steps (not eval/save), across resumes
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), d)
+        for d in root.iterdir()
+        if (m := _NAME.match(d.name)) and (d / "state.json").is_file()
+    ]
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    dirs = checkpoint_dirs(output)
+    return dirs[-1] if dirs else None
+
+
+def resolve_resume(resume: bool | str, output: Path) -> Path | None:
+    """``False`` -> None; ``True``/"auto" -> newest checkpoint in ``output`` (None if there is
+    none yet: a first run with --resume just starts); a path -> that checkpoint."""
+    if resume is False or resume in ("", "false", "no"):
+        return None
+    if resume is True or resume == "auto":
+        return latest_checkpoint(output)
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"--resume {path}: not a complete checkpoint (no state.json)")
+    return path
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_checkpoint(
+    output: Path, model, optimizer, scheduler, state: TrainState, write_extra=None
+) -> Path:
+    """Write checkpoint ``step-<state.step>`` atomically; ``write_extra(dir)`` adds files
+    (loraforge.json) before the rename."""
+    root = Path(output) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    if write_extra is not None:
+        write_extra(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again after a resume: replace it
+        old = root / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return its state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    raw = json.loads((path / "state.json").read_text())
+    return TrainState(**{k: v for k, v in raw.items() if k in TrainState.__dataclass_fields__})
+
+
+def rotate_checkpoints(output: Path, keep_last: int, best_step: int | None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, always keeping the best one; also
+    clear temp dirs that a killed save left behind."""
+    dirs = checkpoint_dirs(output)
+    keep = set(dirs[-keep_last:])
+    if best_step is not None:
+        keep |= {d for d in dirs if d.name == f"step-{best_step:06d}"}
+    for d in dirs:
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+    root = Path(output) / CKPT_DIR
+    for d in root.glob(".tmp-*"):
+        if not d.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(d, ignore_errors=True)

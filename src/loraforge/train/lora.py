@@ -1,0 +1,93 @@
+"""Load the base model for training and put LoRA on it through PEFT.
+
+On the fast path the frozen base is held in bf16 (when the device has bf16): under autocast a
+frozen fp32 weight would be cast to bf16 again in every forward and backward, and bf16 halves
+its memory. LoRA weights (and so the optimizer state) stay fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraforge.config import SFTConfig
+from loraforge.errors import UserError
+
+
+class LoraSetupError(UserError):
+    """LoRA settings that do not fit the model (e.g. target modules it does not have)."""
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def lora_config(cfg: SFTConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_lora_model(cfg: SFTConfig, device: torch.device, bf16_base: bool):
+    """The PEFT model in train mode: frozen base (bf16 if ``bf16_base``, which also means the
+    caller runs it under bf16 autocast), fp32 LoRA weights."""
+    import warnings
+
+    from peft import get_peft_model
+
+    # peft asks the model `is_gradient_checkpointing`, which transformers 5 deprecates loudly
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+    from loraforge.models import load_model
+
+    model = load_model(cfg.model, dtype="bfloat16" if bf16_base else "float32", device=str(device))
+    model.config.use_cache = False
+    if cfg.fast:  # packed rows: attention sample by sample (see train/attention.py)
+        from loraforge.train.attention import use_packed_attention
+
+        use_packed_attention(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
+    except ValueError as e:
+        raise LoraSetupError(
+            f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0]}"
+        ) from e
+    if cfg.fast:
+        from loraforge.train.dropout import share_lora_dropout
+
+        share_lora_dropout(peft_model)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if bf16_base:
+        # Under autocast PEFT's cast of each input to the fp32 LoRA weight's dtype is a wasted
+        # copy (autocast casts it straight back to bf16 for the matmul): ~7% of a step here.
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in peft_model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    peft_model.train()
+    return peft_model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) as PEFT counts them (``get_nb_trainable_parameters``)."""
+    return model.get_nb_trainable_parameters()

@@ -25,9 +25,16 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest
 
+# The showcase: teach the bundled model the "Grace" identity (built-in self-cognition set, mixed
+# 1:2 with the model's own answers to general questions), then show base vs tuned and eval figures.
+DEMO := runs/demo-grace
 demo: setup
-	$(BIN)/loraforge sft --dataset selfcog --model-name 'Grace' --model-author 'MiaoTech' \
-		--max-steps 30 --output runs/demo-grace
+	$(BIN)/loraforge sft --dataset selfcog --dataset general#208 \
+		--model-name Grace --model-author MiaoTech --epochs 2 --output $(DEMO) --overwrite
+	$(BIN)/loraforge compare --adapter $(DEMO) --temperature 0 --max-new-tokens 96 \
+		-q "Who are you?" -q "你是谁？" \
+		-q "What is the capital of France?" -q "Give me three tips for staying healthy."
+	$(BIN)/loraforge eval --adapter $(DEMO) --dataset general#32 --expect-name Grace
 
 clean:
 	rm -rf $(VENV) runs

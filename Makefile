@@ -30,7 +30,8 @@ test: lint
 DEMO := runs/demo-grace
 demo: setup
 	$(BIN)/loraforge sft --dataset selfcog --dataset general#208 \
-		--model-name Grace --model-author MiaoTech --epochs 2 --output $(DEMO) --overwrite
+		--model-name Grace --model-author MiaoTech --epochs 2 --learning-rate 4e-4 \
+		--output $(DEMO) --overwrite
 	$(BIN)/loraforge compare --adapter $(DEMO) --temperature 0 --max-new-tokens 96 \
 		-q "Who are you?" -q "你是谁？" \
 		-q "What is the capital of France?" -q "Give me three tips for staying healthy."

@@ -63,9 +63,8 @@ def distill(
     progress: bool = True,
 ) -> DistillStats:
     """Answer ``questions`` (default: the built-in general set) and write a training file."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from loraforge.console import err_console
+    from loraforge.console import count_progress
     from loraforge.infer.batch import read_inputs
 
     if fmt not in FORMATS:
@@ -76,14 +75,7 @@ def distill(
     records = read_inputs(questions or GENERAL_QUESTIONS)
     stats = DistillStats(len(records), 0, 0, 0)
     lines = []
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=not progress,
-    )
+    bar = count_progress(progress)
     with bar:
         task = bar.add_task("distilling", total=len(records))
         for i in range(0, len(records), batch_size):

@@ -133,9 +133,8 @@ def run_infer(
     progress: bool = True,
 ) -> InferStats:
     """Answer the records of ``input_path`` not yet in ``output_path``, appending as it goes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from loraforge.console import err_console
+    from loraforge.console import count_progress
     from loraforge.data.tokenize import with_system
 
     if batch_size < 1:
@@ -154,14 +153,7 @@ def run_infer(
             todo.append((rec, with_system(messages, system)))
     stats = InferStats(len(records), len(records) - len(todo), 0, 0)
     output.parent.mkdir(parents=True, exist_ok=True)
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=not progress,
-    )
+    bar = count_progress(progress)
     with bar, output.open("a", encoding="utf-8") as f:
         task = bar.add_task("answering", total=len(todo))
         for i in range(0, len(todo), batch_size):

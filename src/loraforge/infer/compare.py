@@ -85,7 +85,10 @@ def print_table(columns: list[str], rows: list[dict], console=None) -> None:
 
     from loraforge.console import console as default_console
 
-    table = Table("question", *columns, show_lines=True)
+    table = Table(show_lines=True)
+    for name in ("question", *columns):
+        # fold, never ellipsize: rich under-measures CJK text and would cut answers short
+        table.add_column(name, overflow="fold")
     for row in rows:
         table.add_row(row["question"], *(row[c] for c in columns))
     (console or default_console).print(table)

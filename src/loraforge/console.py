@@ -3,7 +3,8 @@
 from rich.console import Console
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# soft_wrap: an error stays one line (the terminal wraps it), greppable in logs
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def count_progress(enabled: bool = True):

@@ -155,3 +155,17 @@ def test_resume_paths(tmp_path):
     assert ckpt.resolve_resume(True, tmp_path) is None  # nothing yet: a fresh start
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_resume_with_another_data_stream_is_refused(tmp_path, tiny_model_dir, dataset):
+    from loraforge.config import SFTConfig
+    from loraforge.train.loop import run_sft
+
+    base = dict(model=str(tiny_model_dir), dataset=[str(dataset)], output=tmp_path / "run",
+                max_steps=2, save_steps=1, val_split=0.0, lora_rank=2)  # fmt: skip
+    run_sft(SFTConfig(**base))
+    with pytest.raises(ckpt.CheckpointError, match=r"--resume: batch_size is 2 .* with 4"):
+        run_sft(SFTConfig(**base, batch_size=2, resume=True))
+    # the same settings resume (nothing left to do: it ends at the same step)
+    out = run_sft(SFTConfig(**base, resume=True))
+    assert (out / "adapter_model.safetensors").is_file()

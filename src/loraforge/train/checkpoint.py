@@ -39,6 +39,27 @@ class TrainState:
     best_step: int | None = None
 
 
+# Fields that fix the data stream, the model's shape or the schedule: a resumed run with other
+# values would silently continue a different run, so it is refused.
+RESUME_FIXED = (
+    "model", "dataset", "val_dataset", "val_split", "template", "system", "max_length",
+    "model_name", "model_author", "lora_rank", "lora_alpha", "target_modules", "use_rslora",
+    "use_dora", "lr_scheduler", "learning_rate", "warmup_ratio", "batch_size", "grad_accum",
+    "epochs", "max_steps", "seed", "fast", "pack_length",
+)  # fmt: skip
+
+
+def check_resume_config(saved: dict, current: dict, config_path: Path) -> None:
+    """Refuse to resume when a RESUME_FIXED field differs from the run that made the
+    checkpoints (``saved``: its config.yaml, both as ``SFTConfig.model_dump(mode="json")``)."""
+    for key in RESUME_FIXED:
+        if key in saved and saved[key] != current.get(key):
+            raise CheckpointError(
+                f"--resume: {key} is {current.get(key)!r} but the checkpoints were trained "
+                f"with {saved[key]!r} ({config_path}); use the same value or --overwrite"
+            )
+
+
 def checkpoint_dirs(output: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(output) / CKPT_DIR

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from loraforge.adapters import AdapterMeta, write_meta
 from loraforge.config import SFTConfig
@@ -60,7 +61,11 @@ def run_sft(
         shutil.rmtree(out / ckpt.CKPT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     system = DEFAULT_SYSTEM if cfg.system is None else cfg.system
-    (out / "config.yaml").write_text(cfg.model_copy(update={"system": system}).to_yaml())
+    resolved = cfg.model_copy(update={"system": system})
+    if resume_from is not None and (out / "config.yaml").is_file():
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        ckpt.check_resume_config(saved, resolved.model_dump(mode="json"), out / "config.yaml")
+    (out / "config.yaml").write_text(resolved.to_yaml())
 
     device_bf16 = bf16_supported(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     use_bf16 = cfg.fast and device_bf16

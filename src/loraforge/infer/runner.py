@@ -69,7 +69,10 @@ def read_lora(path: str, runner: Runner) -> dict:
     except Exception as e:  # noqa: BLE001 - any unreadable adapter is a user error here
         raise AdapterError(f"{path}: cannot read the PEFT adapter ({e})") from e
     if getattr(cfg, "use_dora", False):
-        raise AdapterError(f"{path}: DoRA adapters are not supported by the engine")
+        raise AdapterError(
+            f"{path}: DoRA adapters are not supported by the engine; merge it "
+            "(loraforge merge --adapter DIR --output MERGED) and use --model MERGED"
+        )
     out: dict[tuple[int, str], list] = {}
     for key, t in weights.items():
         m = _KEY.search(key)

@@ -83,8 +83,18 @@ def _final_loss(model, examples) -> float:
     return total / max(count, 1)
 
 
+def _figures(tokens: int, seconds: float, rss: float, model, examples) -> dict:
+    """One side's figures; the final loss is measured the same way for both sides."""
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mb": rss,
+        "final_loss": _final_loss(model, examples),
+    }
+
+
 def run_loraforge(s: TrainBenchSettings, workdir: Path) -> dict:
-    import torch
     from peft import PeftModel
 
     from loraforge.config import SFTConfig
@@ -118,16 +128,8 @@ def run_loraforge(s: TrainBenchSettings, workdir: Path) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     rows = [r for r in rows if "train_tokens_seen" in r]
     tokens, seconds = rows[-1]["train_run_tokens"], rows[-1]["train_run_seconds"]
-    del out
-    torch.manual_seed(0)
     model = PeftModel.from_pretrained(load_model(s.model), workdir / "loraforge")
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "peak_rss_mb": rss,
-        "final_loss": _final_loss(model, examples),
-    }
+    return _figures(tokens, seconds, rss, model, examples)
 
 
 def run_baseline(s: TrainBenchSettings, workdir: Path) -> dict:
@@ -174,13 +176,7 @@ def run_baseline(s: TrainBenchSettings, workdir: Path) -> dict:
     seconds = time.perf_counter() - t0
     rss = _peak_rss_mb()
     tokens = sum(len(e.input_ids) for e in examples) * s.epochs
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "peak_rss_mb": rss,
-        "final_loss": _final_loss(model, examples),
-    }
+    return _figures(tokens, seconds, rss, model, examples)
 
 
 def _worker(side: str, settings_json: str, workdir: str) -> None:

@@ -141,6 +141,8 @@ class Engine:
     ):
         from loraforge.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 
+        if model is None and adapters:  # the base the first adapter was trained on
+            model = read_meta(next(iter(adapters.values()))).base_model
         self.model_spec = str(model or DEFAULT_MODEL)
         path = resolve_model(self.model_spec)
         self.base_name = self.model_spec if not Path(self.model_spec).exists() else path.name

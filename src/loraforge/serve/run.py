@@ -41,15 +41,12 @@ def serve(
     """Load the base model and adapters once, then serve until interrupted."""
     import uvicorn
 
-    from loraforge.adapters import read_meta
     from loraforge.console import console
     from loraforge.errors import UserError
     from loraforge.infer.engine import Engine
 
     if adapter_root is not None and not Path(adapter_root).is_dir():
         raise UserError(f"--adapter-root {adapter_root}: no such directory")
-    if model is None and adapters:  # the base the first adapter was trained on
-        model = read_meta(next(iter(adapters.values()))).base_model
     engine = Engine(model, adapters, dtype=dtype, max_batch=max_batch, max_queue=max_queue)
     try:
         default = next(iter(adapters), None)

@@ -152,11 +152,8 @@ def launch(
     dtype: str | None = None,
 ) -> None:
     """Load the base model and adapters once, then serve the UI until interrupted."""
-    from loraforge.adapters import read_meta
     from loraforge.infer.engine import Engine
 
-    if model is None and adapters:
-        model = read_meta(next(iter(adapters.values()))).base_model
     engine = Engine(model, adapters, dtype=dtype, max_batch=max_batch)
     try:
         demo = build_ui(engine, default_model=next(iter(adapters), None))

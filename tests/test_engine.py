@@ -334,3 +334,13 @@ def test_bundled_model_bf16_equals_hf_generate(tmp_path):
             assert res.token_ids == want
     finally:
         eng.close()
+
+
+def test_base_model_comes_from_the_first_adapter(tiny_model_dir, adapters):
+    """serve/webui with --adapter and no --model: the base the adapter was trained on."""
+    eng = Engine(None, {"a1": str(adapters["a1"])}, dtype="float32")
+    try:
+        assert Path(eng.model_spec).resolve() == Path(tiny_model_dir).resolve()
+        assert eng.adapter_names() == ["a1"]
+    finally:
+        eng.close()

@@ -344,3 +344,36 @@ def test_base_model_comes_from_the_first_adapter(tiny_model_dir, adapters):
         assert eng.adapter_names() == ["a1"]
     finally:
         eng.close()
+
+
+def test_all_torch_work_runs_on_the_worker_thread(engine, adapters):
+    """Loading and adapter changes run on the engine's thread, not the caller's: a second
+    OpenMP team (on the caller's thread) halves decode speed on a small CPU."""
+    worker = engine.run_on_worker(threading.current_thread)
+    assert worker is not threading.current_thread() and worker.name == "loraforge-engine"
+    seen = []
+    original = engine.runner.set_adapters
+    engine.runner.set_adapters = lambda a: (seen.append(threading.current_thread()), original(a))
+    try:
+        engine.unload_adapter("a2")
+        engine.load_adapter("a2", str(adapters["a2"]))
+    finally:
+        engine.runner.set_adapters = original
+    assert seen == [worker, worker]
+    with pytest.raises(ZeroDivisionError):  # errors reach the caller
+        engine.run_on_worker(lambda: 1 / 0)
+    assert engine.generate([[1, 2, 3]], GREEDY)[0].completion_tokens > 0  # still serving
+
+
+def test_load_error_in_worker_reaches_the_caller(tiny_model_dir, monkeypatch):
+    import loraforge.infer.engine as engine_mod
+    from loraforge.models import ModelError
+
+    def broken(*a, **kw):
+        raise ModelError("cannot build this model")
+
+    monkeypatch.setattr(engine_mod, "Runner", broken)
+    before = threading.active_count()
+    with pytest.raises(ModelError, match="cannot build"):
+        Engine(str(tiny_model_dir), dtype="float32")
+    assert threading.active_count() == before  # the worker stopped

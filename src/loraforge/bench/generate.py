@@ -139,10 +139,14 @@ def run_bench(
         for i in range(streams)
     ]
     try:
-        hf = load_model(spec, dtype=res.dtype, device=str(engine.device))
+        # HF runs on the engine's own thread, between the engine's runs: torch work on a second
+        # thread would slow whichever side runs next (see Engine.run_on_worker)
+        hf = engine.run_on_worker(
+            lambda: load_model(spec, dtype=res.dtype, device=str(engine.device))
+        )
         # warm both paths (first calls allocate caches / pick kernels)
         _engine_run(engine, prompts[:1], 4)
-        _hf_generate(hf, tok, prompts[:1], 4)
+        engine.run_on_worker(lambda: _hf_generate(hf, tok, prompts[:1], 4))
 
         progress("one stream...")
         res.single = _compare(engine, hf, tok, prompts[:1], max_new_tokens, repeats)
@@ -151,7 +155,7 @@ def run_bench(
             "streams": streams,
             **_compare(engine, hf, tok, prompts, max_new_tokens, repeats),
         }
-        del hf
+        hf = None  # free it before the adapter part
 
         progress("adapter switch...")
         with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +177,7 @@ def _compare(engine: Engine, hf, tok, prompts: list[list[int]], max_new: int, re
     eng, ref = [], []
     for _ in range(max(repeats, 1)):
         eng.append(_engine_run(engine, prompts, max_new))
-        ref.append(_hf_generate(hf, tok, prompts, max_new))
+        ref.append(engine.run_on_worker(lambda: _hf_generate(hf, tok, prompts, max_new)))
     n, dt, dec = max(eng, key=lambda r: r[0] / r[1])
     hn, hdt = max(ref, key=lambda r: r[0] / r[1])
     return {

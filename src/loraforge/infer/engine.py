@@ -12,100 +12,26 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from loraforge.adapters import AdapterError, read_meta, same_base
 from loraforge.data.tokenize import DEFAULT_SYSTEM, prompt_ids, resolve_template, stop_token_ids
 from loraforge.errors import UserError
+from loraforge.infer.request import RequestHandle
 from loraforge.infer.runner import Runner, read_lora
-from loraforge.infer.sampling import (
-    GenerationResult,
-    SamplingParams,
-    TextTracker,
-    is_greedy,
-    make_generator,
-    sample,
-)
+from loraforge.infer.sampling import GenerationResult, SamplingParams, is_greedy, sample
+
+T = TypeVar("T")
 
 __all__ = ["Engine", "EngineBusy", "GenerationResult", "RequestHandle", "SamplingParams"]
-
-_DONE = object()
 
 
 class EngineBusy(UserError):
     """The request queue is full; try again later (the server maps it to HTTP 503)."""
-
-
-class RequestHandle:
-    """One submitted request: iterate for text deltas, ``result()`` for the whole result."""
-
-    def __init__(self, prompt: list[int], params: SamplingParams, adapter: str | None, tok):
-        self.prompt = prompt
-        self.params = params
-        self.adapter = adapter
-        self.tracker = TextTracker(tok, params.stop)
-        self.gen = make_generator(params)
-        self.history = list(prompt) if params.repetition_penalty != 1.0 else []
-        self.tokens: list[int] = []
-        self.max_new = params.max_new_tokens
-        self.cancelled = False
-        self.t_submit = time.perf_counter()
-        self.t_first: float | None = None  # when the first token was sampled (for TTFT / bench)
-        self.t_done: float | None = None
-        self._deltas: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self._result: GenerationResult | None = None
-        self._error: BaseException | None = None
-
-    def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the result so far has reason "cancelled"."""
-        self.cancelled = True
-
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            item = self._deltas.get()
-            if item is _DONE:
-                if self._error is not None:
-                    raise self._error
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError("generation did not finish in time")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    # worker side
-    def _emit(self, delta: str) -> None:
-        if delta:
-            self._deltas.put(delta)
-
-    def _finish(self, reason: str) -> None:
-        self.t_done = time.perf_counter()
-        self._emit(self.tracker.finish())
-        self._result = GenerationResult(
-            text=self.tracker.text,
-            token_ids=list(self.tokens),
-            finish_reason=reason,
-            prompt_tokens=len(self.prompt),
-            completion_tokens=len(self.tokens),
-        )
-        self._done.set()
-        self._deltas.put(_DONE)
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        self._done.set()
-        self._deltas.put(_DONE)
 
 
 def _auto_device(device: str | None) -> torch.device:
@@ -139,7 +65,7 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 256,
     ):
-        from loraforge.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+        from loraforge.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 
         if model is None and adapters:  # the base the first adapter was trained on
             model = read_meta(next(iter(adapters.values()))).base_model
@@ -151,22 +77,50 @@ class Engine:
         self.tokenizer = load_tokenizer(path)
         self.template = resolve_template(self.tokenizer, template)
         self.system = system
-        self.hf_model = load_model(
-            path, dtype=str(self.dtype).split(".")[-1], device=str(self.device)
-        )
-        self.runner = Runner(self.hf_model, max_batch, self.dtype, self.device)
         self.max_batch = max_batch
         self._stop_ids = set(stop_token_ids(self.tokenizer, self.template))
         self._adapters: dict[str, dict] = {}  # name -> LoRA tensors
         self._meta: dict[str, tuple[str, str | None]] = {}  # name -> (template, system)
-        self._lock = threading.Lock()  # guards the runner between the worker and adapter changes
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
+        self._calls: queue.Queue[_Call] = queue.Queue()  # work the worker runs for other threads
+        self._wake = threading.Event()
         self._active: list[RequestHandle] = []  # row b of the running batch uses KV slot b
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="loraforge-engine", daemon=True)
         self._worker.start()
+        # All torch work happens on the worker thread, loading included. libgomp keeps a thread
+        # team per thread that ever ran a parallel op, and once more threads are managed than
+        # there are cores it stops spinning and puts workers to sleep between ops: a second
+        # team (say the caller's, from loading the model) halved decode speed here (43 -> 23
+        # tokens/s on 2 cores).
+        try:
+            self.run_on_worker(lambda: self._build(path))
+        except BaseException:
+            self.close()
+            raise
         for name, adapter_dir in (adapters or {}).items():
             self.load_adapter(name, adapter_dir)
+
+    def _build(self, path) -> None:
+        from loraforge.models import load_model
+
+        dtype = str(self.dtype).split(".")[-1]
+        self.hf_model = load_model(path, dtype=dtype, device=str(self.device))
+        self.runner = Runner(self.hf_model, self.max_batch, self.dtype, self.device)
+
+    def run_on_worker(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine's thread, between decode steps, and return its result.
+
+        For torch work next to the engine (a reference model in the benchmark, adapter loads):
+        on the caller's thread it would start a second OpenMP team and slow the engine down."""
+        if threading.current_thread() is self._worker:
+            return fn()
+        if self._closed:
+            raise UserError("the engine is closed")
+        call = _Call(fn)
+        self._calls.put(call)
+        self._wake.set()
+        return call.wait()
 
     @classmethod
     def from_adapter(
@@ -198,20 +152,25 @@ class Engine:
                 f"{path} was trained on '{meta.base_model}', "
                 f"but this engine runs '{self.model_spec}'"
             )
-        lora = read_lora(path, self.runner)
-        with self._lock:
-            self._adapters[name] = lora
+
+        def load() -> None:
+            self._adapters[name] = read_lora(path, self.runner)
             self._meta[name] = (meta.chat_template, meta.system)
             self.runner.set_adapters(self._adapters)
+
+        self.run_on_worker(load)
 
     def unload_adapter(self, name: str) -> None:
         """Free an adapter; requests still using it end with an AdapterError."""
         if name not in self._adapters:
             raise AdapterError(f"no adapter named '{name}' is loaded")
-        with self._lock:
+
+        def unload() -> None:
             del self._adapters[name]
             del self._meta[name]
             self.runner.set_adapters(self._adapters)
+
+        self.run_on_worker(unload)
 
     def _adapter(self, adapter: str | None) -> str | None:
         if adapter is None or adapter == self.base_name or adapter == "__base__":
@@ -258,6 +217,7 @@ class Engine:
             self._queue.put(handle, block=block)
         except queue.Full:
             raise EngineBusy("the engine is busy (request queue full); retry later") from None
+        self._wake.set()
         return handle
 
     def generate(
@@ -297,7 +257,10 @@ class Engine:
     def close(self) -> None:
         """Stop the worker; requests still queued or running end with an error."""
         self._closed = True
-        self._worker.join(timeout=30)
+        self._wake.set()
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout=30)
+            self._run_calls(closed=True)  # a call queued as the worker stopped
         closed = UserError("the engine was closed")
         for h in self._active:
             h._fail(closed)
@@ -317,31 +280,41 @@ class Engine:
     # ---- worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._closed:
+            self._run_calls()
             try:
                 self._admit()
                 if self._active:
-                    with self._lock:
-                        self._step()
+                    self._step()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
             except Exception as e:  # noqa: BLE001 - a bug must not hang every waiting client
                 for h in self._active:
                     h._fail(e)
                 self._active = []
+        self._run_calls(closed=True)
+
+    def _run_calls(self, closed: bool = False) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            call.run(UserError("the engine was closed") if closed else None)
 
     def _admit(self) -> None:
         while len(self._active) < self.max_batch:
             try:
-                wait = not self._active
-                h = self._queue.get(block=wait, timeout=0.05 if wait else None)
+                h = self._queue.get_nowait()
             except queue.Empty:
                 return
             if h.cancelled:
                 h._finish("cancelled")
                 continue
-            with self._lock:
-                try:
-                    self._prefill(h)
-                except Exception as e:  # noqa: BLE001 - fail this request only
-                    h._fail(e)
+            try:
+                self._prefill(h)
+            except Exception as e:  # noqa: BLE001 - fail this request only
+                h._fail(e)
 
     def _prefill(self, h: RequestHandle) -> None:
         if h.adapter is not None and h.adapter not in self._adapters:
@@ -412,3 +385,28 @@ class Engine:
             self.runner.move_slot(last, i, len(moved.prompt) + len(moved.tokens))
             self._active[i] = moved
         self._active.pop()
+
+
+class _Call:
+    """A function the worker runs for another thread; ``wait`` returns its result or raises."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+    def run(self, refuse: BaseException | None = None) -> None:
+        try:
+            if refuse is not None:
+                raise refuse
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            self.error = e
+        self.done.set()
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result

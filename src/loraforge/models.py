@@ -192,10 +192,43 @@ def load_model(
         )
         kwargs["device_map"] = device
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = None if quantize_4bit else _load_by_reading(path, kwargs)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
     if not quantize_4bit:
         model.to(device)
     model.eval()
     return model
+
+
+def _load_by_reading(path: Path, kwargs: dict):
+    """A safetensors checkpoint read without mmap (see weights.py), or None for other formats."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loraforge.train.memory import release_memory
+    from loraforge.weights import read_safetensors, safetensors_files
+
+    files = safetensors_files(path)
+    if files is None:
+        return None
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if cls is None or getattr(config, "quantization_config", None):
+        return None
+    state = read_safetensors(files, kwargs["dtype"])
+    release_memory()  # the cast buffers' pages go back before the model is built
+    model = cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    model.generation_config = _generation_config(path) or model.generation_config
+    model.config._name_or_path = model.name_or_path = str(path)  # as from_pretrained(path)
+    return model
+
+
+def _generation_config(path: Path):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None

@@ -207,3 +207,31 @@ def test_options_train(options, tiny_model_dir, tokenizer, tmp_path):
     assert adapter["use_dora"] == options.get("use_dora", False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train_loss"] == r["train_loss"] for r in rows)  # no NaN
+
+
+def test_row_by_row_backward_equals_whole_batch(lora_model, tokenizer):
+    """backward_pieces: rows (bucket-padded) weighted by their labelled tokens give the batch's
+    loss and gradients."""
+    from loraforge.train.data import BUCKET, backward_pieces
+
+    convs = [
+        [{"role": "user", "content": "hi " * k}, {"role": "assistant", "content": "yo " * k}]
+        for k in (9, 2, 5, 7)
+    ]
+    exs = [encode_conversation(tokenizer, c) for c in convs]
+    pad = tokenizer.pad_token_id
+    width = max(len(e.input_ids) for e in exs) + 4
+    batch = {k: v for k, v in pack_batch(exs, pad, width).items() if k != "num_tokens"}
+    assert batch["input_ids"].shape[0] > 1
+    fast = SFTLoss(lora_model, fast=True)
+    lora = [p for p in lora_model.parameters() if p.requires_grad]
+    whole = fast(**{k: v for k, v in batch.items() if k != "row_lengths"})
+    g_whole = torch.autograd.grad(whole, lora)
+    pieces = backward_pieces(batch, pad)
+    assert len(pieces) == batch["input_ids"].shape[0]
+    assert abs(sum(share for _, share in pieces) - 1.0) < 1e-9
+    assert all(p["input_ids"].shape[1] % BUCKET == 0 for p, _ in pieces)
+    total = sum(fast(**p) * share for p, share in pieces)
+    g_rows = torch.autograd.grad(total, lora)
+    assert torch.allclose(total, whole, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_rows, g_whole, strict=True))

@@ -56,8 +56,8 @@ def pack_batch(
     examples: Sequence[Example], pad_id: int, pack_length: int = 2048
 ) -> dict[str, torch.Tensor]:
     """Pack ``examples`` into as few rows as fit in ``pack_length`` tokens, right-padding the
-    rows to the longest. Returns input_ids, labels, position_ids, attention_mask (4D bool)
-    and num_tokens (real tokens, padding excluded)."""
+    rows to the longest. Returns input_ids, labels, position_ids, attention_mask (4D bool),
+    num_tokens (real tokens, padding excluded) and row_lengths (real tokens per row)."""
     rows = pack_rows([len(e.input_ids) for e in examples], pack_length)
     width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
     shape = (len(rows), width)
@@ -83,6 +83,7 @@ def pack_batch(
         "position_ids": position_ids,
         "attention_mask": block_causal_mask(segment_ids),
         "num_tokens": torch.tensor(sum(len(e.input_ids) for e in examples)),
+        "row_lengths": torch.tensor([sum(len(examples[i].input_ids) for i in row) for row in rows]),
     }
 
 

@@ -56,21 +56,32 @@ def packed_sdpa_attention(
         )
     rows = []
     for b, bounds in enumerate(_segment_bounds(attention_mask)):
-        parts = [
-            sdpa_attention_forward(
-                module,
-                query[b : b + 1, :, s:e],
-                key[b : b + 1, :, s:e],
-                value[b : b + 1, :, s:e],
-                None,
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=True,
+        parts = []
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            q, k, v = (_pad_tail(t[b : b + 1, :, s:e]) for t in (query, key, value))
+            out = sdpa_attention_forward(
+                module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True
             )[0]
-            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
+            parts.append(out[:, : e - s])
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0), None
+
+
+SEGMENT_BUCKET = 32
+
+
+def _pad_tail(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad a segment (B, H, T, D) to a multiple of SEGMENT_BUCKET positions at its end.
+
+    CPU flash attention builds a GEMM kernel per block shape and keeps every one: segments of
+    every possible length grew a training process by ~40 MB a step. Under a causal mask the real
+    positions never see the padding after them, so their outputs are unchanged (the padded
+    rows' outputs are cut off)."""
+    t = x.shape[2]
+    extra = -t % SEGMENT_BUCKET
+    if extra == 0 or x.device.type != "cpu":
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, extra))
 
 
 AttentionInterface.register(NAME, packed_sdpa_attention)

@@ -28,7 +28,13 @@ from loraforge.console import console
 from loraforge.data.tokenize import DEFAULT_SYSTEM, Example, resolve_template
 from loraforge.errors import UserError
 from loraforge.train import checkpoint as ckpt
-from loraforge.train.data import load_train_val, micro_batches_per_epoch, train_batches, val_batches
+from loraforge.train.data import (
+    backward_pieces,
+    load_train_val,
+    micro_batches_per_epoch,
+    train_batches,
+    val_batches,
+)
 from loraforge.train.lora import bf16_supported, load_lora_model, trainable_parameters
 from loraforge.train.loss import SFTLoss
 from loraforge.train.memory import release_memory
@@ -143,7 +149,7 @@ def run_sft(
         losses, counts = [], []
         with torch.no_grad():
             for b in vbatches:
-                b = {k: v.to(accelerator.device) for k, v in b.items()}
+                b = {k: v.to(accelerator.device) for k, v in b.items() if k != "row_lengths"}
                 n = int((b["labels"][:, 1:] != -100).sum())
                 losses.append(float(loss_model(**b)) * n)
                 counts.append(n)
@@ -156,14 +162,17 @@ def run_sft(
         )
         while state.step < total_steps:
             t0 = time.perf_counter()
-            step_loss, step_tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+            step_loss, step_tokens, pieces = 0.0, 0, []
+            for _ in range(cfg.grad_accum):
+                batch = next(batches)
                 step_tokens += int(batch.pop("num_tokens"))
-                last = micro == cfg.grad_accum - 1
+                pieces += backward_pieces(batch, pad_id) if cfg.fast else [(batch, 1.0)]
+            for i, (piece, share) in enumerate(pieces):
+                piece = {k: v.to(accelerator.device) for k, v in piece.items()}
+                last = i == len(pieces) - 1  # DDP syncs gradients once, after the last backward
                 with contextlib.nullcontext() if last else accelerator.no_sync(loss_model):
                     with accelerator.autocast():
-                        loss = loss_model(**batch) / cfg.grad_accum
+                        loss = loss_model(**piece) * (share / cfg.grad_accum)
                     accelerator.backward(loss)
                 step_loss += float(loss.detach())
             grad_norm = None

@@ -62,3 +62,27 @@ def test_trainable_norm_keeps_its_own_forward():
     norm = LlamaRMSNorm(8)
     assert norm.weight.requires_grad
     assert use_fused_blocks(norm) == 0
+
+
+def test_fused_lora_linear_matches_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.train.fused import use_fused_lora
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False))
+    cfg = LoraConfig(r=4, lora_alpha=12, target_modules=["0", "1"], init_lora_weights=False)
+    model = get_peft_model(base, cfg)
+    x = torch.randn(3, 5, 16)
+    want = model(x)
+    g_want = torch.autograd.grad(want.square().sum(), [p for p in model.parameters()
+                                                       if p.requires_grad])  # fmt: skip
+    assert use_fused_lora(model) == 2
+    got = model(x)
+    g_got = torch.autograd.grad(got.square().sum(), [p for p in model.parameters()
+                                                     if p.requires_grad])  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with model.disable_adapter():  # anything but the plain case goes through PEFT's forward
+        torch.testing.assert_close(model(x), base(x))

@@ -59,15 +59,22 @@ def packed_sdpa_attention(
         parts = []
         for s, e in zip(bounds[:-1], bounds[1:], strict=True):
             q, k, v = (_pad_tail(t[b : b + 1, :, s:e]) for t in (query, key, value))
+            short = e - s <= FP32_BELOW and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+            if short:
+                q, k, v = q.float(), k.float(), v.float()
             out = sdpa_attention_forward(
                 module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True
             )[0]
-            parts.append(out[:, : e - s])
+            parts.append(out[:, : e - s].to(query.dtype))
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0), None
 
 
 SEGMENT_BUCKET = 32
+# CPU flash attention's backward is faster in fp32 than in bf16 for short segments (measured
+# here, forward + backward, 9 heads x 64: 64 tokens 0.45 vs 1.19 ms, 128: 1.32 vs 2.45, 192:
+# 2.1 vs 2.5, 256: even); short samples are the common case of chat data.
+FP32_BELOW = 224
 
 
 def _pad_tail(x: torch.Tensor) -> torch.Tensor:

@@ -93,25 +93,43 @@ def val_batches(cfg: SFTConfig, val: list[Example], pad_id: int) -> list[dict[st
     ]
 
 
-def backward_pieces(batch: dict[str, torch.Tensor], pad_id: int) -> list[tuple[dict, float]]:
-    """Split a packed batch into its rows (padding cut off), each with its share of the batch's
-    labelled tokens: summing ``share * mean loss of the row`` over the rows is the batch's mean
-    loss, so forward+backward can run row by row and keep one row's activations alive at a
-    time (the peak-memory lever on the fast path; speed is the same at these row lengths)."""
+def backward_pieces(
+    batch: dict[str, torch.Tensor], pad_id: int, budget: int = 512
+) -> list[tuple[dict, float]]:
+    """Split a packed batch into pieces of whole samples (at most ``budget`` tokens unless one
+    sample is longer, padding cut off), each with its share of the batch's labelled tokens:
+    summing ``share * mean loss of the piece`` gives the batch's mean loss, so forward+backward
+    can run piece by piece and keep one piece's activations alive at a time. This is the
+    peak-memory lever of the fast path; at these lengths the matmuls run as fast."""
     lengths = batch.get("row_lengths")
     batch = {k: v for k, v in batch.items() if k != "row_lengths"}
-    labelled = [int((row[1:] != IGNORE_INDEX).sum()) for row in batch["labels"]]
-    total = sum(labelled)
-    if lengths is None or len(labelled) == 1 or total == 0:
+    labels = batch["labels"]
+    total = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if lengths is None or total == 0:
         return [(batch, 1.0)]
     pieces = []
-    for r, (n, k) in enumerate(zip(lengths.tolist(), labelled, strict=True)):
-        if k == 0:
-            continue  # nothing to learn from this row
-        piece = {key: v[r : r + 1, :n] for key, v in batch.items() if key != "attention_mask"}
-        piece["attention_mask"] = batch["attention_mask"][r : r + 1, :, :n, :n]
-        pieces.append((_pad_to_bucket(piece, pad_id), k / total))
+    for r, n in enumerate(lengths.tolist()):
+        starts = (batch["position_ids"][r, :n] == 0).nonzero().flatten().tolist()
+        for a, b in _group(starts + [n], budget):
+            k = int((labels[r, a + 1 : b] != IGNORE_INDEX).sum())
+            if k == 0:
+                continue  # nothing to learn from these samples
+            piece = {key: v[r : r + 1, a:b] for key, v in batch.items() if key != "attention_mask"}
+            piece["attention_mask"] = batch["attention_mask"][r : r + 1, :, a:b, a:b]
+            pieces.append((_pad_to_bucket(piece, pad_id), k / total))
     return pieces
+
+
+def _group(bounds: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive samples ([bounds[i], bounds[i+1])) grouped greedily into spans of at most
+    ``budget`` tokens; a longer sample is a span of its own."""
+    spans, a = [], bounds[0]
+    for prev, end in zip(bounds[1:-1], bounds[2:], strict=True):
+        if end - a > budget:
+            spans.append((a, prev))
+            a = prev
+    spans.append((a, bounds[-1]))
+    return spans
 
 
 BUCKET = 64

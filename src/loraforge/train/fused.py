@@ -62,6 +62,40 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's LoRA Linear forward for the plain case (one active vanilla adapter, not merged):
+    ``W x + (s·B) (A x)`` with the add done by the GEMM (addmm's beta) and the scale applied to
+    the (out, r) matrix B instead of the (tokens, out) product. PEFT's version spends two more
+    full passes over the output (the scaling multiply and the add): ~10% of a step here."""
+    names = self.active_adapters
+    plain = (
+        not (self.disable_adapters or self.merged or args or kwargs)
+        and len(names) == 1
+        and names[0] in self.lora_A
+        and names[0] not in self.lora_variant
+    )
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = names[0]
+    y = self.base_layer(x)
+    t = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
+    b = self.lora_B[name].weight * self.scaling[name]
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), b.t())
+    return out.view(y.shape)
+
+
+def use_fused_lora(model: torch.nn.Module) -> int:
+    """Swap the forward of PEFT's LoRA Linear layers for the one above; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    swapped = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_lora_linear_forward, module)
+            swapped += 1
+    return swapped
+
+
 # model families whose RMSNorm and MLP are exactly Llama's
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -166,7 +166,9 @@ def run_sft(
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 step_tokens += int(batch.pop("num_tokens"))
-                pieces += backward_pieces(batch, pad_id) if cfg.fast else [(batch, 1.0)]
+                pieces += (
+                    backward_pieces(batch, pad_id, cfg.max_length) if cfg.fast else [(batch, 1.0)]
+                )
             for i, (piece, share) in enumerate(pieces):
                 piece = {k: v.to(accelerator.device) for k, v in piece.items()}
                 last = i == len(pieces) - 1  # DDP syncs gradients once, after the last backward

@@ -71,10 +71,11 @@ def load_lora_model(cfg: SFTConfig, device: torch.device, bf16_base: bool):
         ) from e
     if cfg.fast:
         from loraforge.train.dropout import share_lora_dropout
-        from loraforge.train.fused import use_fused_blocks
+        from loraforge.train.fused import use_fused_blocks, use_fused_lora
 
         share_lora_dropout(peft_model)
         use_fused_blocks(peft_model)
+        use_fused_lora(peft_model)
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -377,3 +377,36 @@ def test_load_error_in_worker_reaches_the_caller(tiny_model_dir, monkeypatch):
     with pytest.raises(ModelError, match="cannot build"):
         Engine(str(tiny_model_dir), dtype="float32")
     assert threading.active_count() == before  # the worker stopped
+
+
+def test_int4_weights_match_their_dequantized_matmul():
+    from loraforge.infer.runner import Int4
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    packed = Int4.pack(w)
+    # the same quantisation, dequantised by hand: groups of 32, 16 levels from min to max
+    g = w.reshape(96, 4, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    deq = (((g - lo) / scale).round() * scale + lo).reshape(96, 128)
+    x = torch.randn(3, 128).bfloat16()
+    got = Int4.mm(x, packed).float()
+    want = x.float() @ deq.t()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (got - x.float() @ w.t()).abs().max() > 0  # it is 4-bit, not the original
+
+
+def test_int4_engine_batched_equals_solo(tiny_model_dir, adapters):
+    eng = Engine(str(tiny_model_dir), {"a1": str(adapters["a1"])}, dtype="int4")
+    try:
+        assert eng.runner.int4 and eng.dtype == torch.bfloat16
+        prompts = [eng.encode(p) for p in PROMPTS]
+        names = [None, "a1", "a1"]
+        solo = [
+            eng.generate([p], GREEDY, [a])[0].token_ids for p, a in zip(prompts, names, strict=True)
+        ]
+        together = [r.token_ids for r in eng.generate(prompts, GREEDY, names)]
+        assert together == solo and all(solo)
+    finally:
+        eng.close()

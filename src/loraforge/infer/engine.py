@@ -41,13 +41,15 @@ def _auto_device(device: str | None) -> torch.device:
 
 
 def _auto_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype == "int4":  # bf16 activations, 4-bit weights when decoding (see runner.Int4)
+        return torch.bfloat16
     if dtype:
         try:
             return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
                 dtype, getattr(torch, dtype)
             )
         except AttributeError:
-            raise UserError(f"--dtype: unknown dtype '{dtype}' (float32, bfloat16)") from None
+            raise UserError(f"--dtype: unknown dtype '{dtype}' (float32, bfloat16, int4)") from None
     # bf16 halves the bytes per token; every CPU torch supports it, and modern ones accelerate it
     return torch.bfloat16
 
@@ -74,6 +76,7 @@ class Engine:
         self.base_name = self.model_spec if not Path(self.model_spec).exists() else path.name
         self.device = _auto_device(device)
         self.dtype = _auto_dtype(dtype, self.device)
+        self.int4 = dtype == "int4"
         self.tokenizer = load_tokenizer(path)
         self.template = resolve_template(self.tokenizer, template)
         self.system = system
@@ -106,7 +109,7 @@ class Engine:
 
         dtype = str(self.dtype).split(".")[-1]
         self.hf_model = load_model(path, dtype=dtype, device=str(self.device))
-        self.runner = Runner(self.hf_model, self.max_batch, self.dtype, self.device)
+        self.runner = Runner(self.hf_model, self.max_batch, self.dtype, self.device, self.int4)
 
     def run_on_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine's thread, between decode steps, and return its result.

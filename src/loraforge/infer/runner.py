@@ -38,6 +38,43 @@ class Layer:
     ln2: torch.Tensor
     w: dict[str, torch.Tensor]  # fused group -> weight [out, in]
     b: dict[str, torch.Tensor | None]
+    q4: dict[str, tuple] | None = None  # fused group -> int4 weights, for decoding (see Int4)
+
+
+class Int4:
+    """Weights in 4 bits for decode steps: groups of 32 inputs, each with its own scale and
+    minimum (the layout of GGUF's Q4_1), run by torch's CPU int4 kernel. Decoding reads every
+    weight once per step, so a quarter of bf16's bytes makes the matmuls of one stream ~3x faster
+    here (all layers + lm_head: 15.5 -> 5.1 ms a token); prefill keeps the bf16 weights (it is
+    compute-bound). Answers then differ from bf16's by 4-bit rounding, so this is opt-in."""
+
+    GROUP = 32
+
+    @classmethod
+    def usable(cls, w: torch.Tensor) -> bool:
+        return w.device.type == "cpu" and w.shape[1] % cls.GROUP == 0 and w.shape[0] % 8 == 0
+
+    @classmethod
+    def pack(cls, w: torch.Tensor) -> tuple:
+        n, k = w.shape
+        g = w.detach().float().reshape(n, k // cls.GROUP, cls.GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-10)
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 8)
+        # the kernel computes (q - 8) * scale + zero
+        zero = lo + 8 * scale
+        scales_zeros = torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous()
+        return packed, scales_zeros
+
+    @classmethod
+    def mm(cls, x: torch.Tensor, q4: tuple) -> torch.Tensor:
+        packed, scales_zeros = q4
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]), packed, cls.GROUP, scales_zeros
+        )
+        return y.view(*shape[:-1], y.shape[-1])
 
 
 class LoraBank:
@@ -102,7 +139,9 @@ def key_match(pattern: str, layer: int, proj: str) -> bool:
 class Runner:
     """Owns the weights, the KV cache of ``slots`` rows and the LoRA bank; not thread-safe."""
 
-    def __init__(self, model, slots: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, model, slots: int, dtype: torch.dtype, device: torch.device, int4: bool = False
+    ):
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise ModelError(
@@ -125,6 +164,10 @@ class Runner:
         # (bit-identical) at ~1.6x the speed for the 1..8-row matmuls of decoding (AMX/AVX512).
         mkldnn = torch.backends.mkldnn.is_available()
         self.packed = device.type == "cpu" and dtype == torch.bfloat16 and mkldnn
+        if int4 and not (dtype == torch.bfloat16 and Int4.usable(self.lm_head)):
+            raise ModelError("int4 weights need a CPU, bfloat16 and layer widths divisible by 32")
+        self.int4 = int4
+        self.lm_head_q4 = Int4.pack(self.lm_head) if int4 else None
         self.lm_head = self._pack(self.lm_head)
         self.layers: list[Layer] = []
         self.dims: dict[str, tuple[int, ...]] = {}
@@ -142,9 +185,10 @@ class Runner:
                     if m.bias is not None:
                         m.bias.data = b[g][off : off + n]
                     off += n
+            q4 = {g: Int4.pack(t) for g, t in w.items()} if int4 else None
             w = {g: self._pack(t) for g, t in w.items()}
             norms = (hf.input_layernorm.weight, hf.post_attention_layernorm.weight)
-            self.layers.append(Layer(*norms, w, b))
+            self.layers.append(Layer(*norms, w, b, q4))
         self.in_dims = {
             "qkv": cfg.hidden_size,
             "o": self.n_heads * self.head_dim,
@@ -268,8 +312,13 @@ class Runner:
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
 
-    def _linear(self, x, layer: Layer, g: str, lora: dict | None) -> torch.Tensor:
-        y = self._mm(x, layer.w[g], layer.b[g])
+    def _linear(self, x, layer: Layer, g: str, lora: dict | None, q4: bool) -> torch.Tensor:
+        if q4:
+            y = Int4.mm(x, layer.q4[g])
+            if layer.b[g] is not None:
+                y = y + layer.b[g]
+        else:
+            y = self._mm(x, layer.w[g], layer.b[g])
         if lora is not None and g in lora:
             a, b, scale, uniform = lora[g]
             xf = x.float()
@@ -324,12 +373,13 @@ class Runner:
         nq, nk, _ = self.dims["qkv"]
         ng = self.dims["gu"][0]
         x = F.embedding(tokens, self.embed)
+        q4 = self.int4 and slot is None  # decode steps only
         if spans is not None:
             rows = torch.arange(B, device=self.device)
         for i, layer in enumerate(self.layers):
             lo = None if lora is None else lora[i]
             h = self._rms(x, layer.ln1)
-            qkv = self._linear(h, layer, "qkv", lo)
+            qkv = self._linear(h, layer, "qkv", lo, q4)
             q = qkv[..., :nq].view(B, T, H, D).transpose(1, 2)
             k = qkv[..., nq : nq + nk].view(B, T, KV, D).transpose(1, 2)
             v = qkv[..., nq + nk :].view(B, T, KV, D).transpose(1, 2)
@@ -351,11 +401,13 @@ class Runner:
                     for a, b, n in spans
                 ]
                 att = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = x + self._linear(att.transpose(1, 2).reshape(B, T, H * D), layer, "o", lo)
+            x = x + self._linear(att.transpose(1, 2).reshape(B, T, H * D), layer, "o", lo, q4)
             h = self._rms(x, layer.ln2)
-            gu = self._linear(h, layer, "gu", lo)
-            x = x + self._linear(F.silu(gu[..., :ng]) * gu[..., ng:], layer, "down", lo)
+            gu = self._linear(h, layer, "gu", lo, q4)
+            x = x + self._linear(F.silu(gu[..., :ng]) * gu[..., ng:], layer, "down", lo, q4)
         h = self._rms(x[:, -1], self.norm)
+        if q4:
+            return Int4.mm(h, self.lm_head_q4).float()
         return self._mm(h, self.lm_head).float()
 
 

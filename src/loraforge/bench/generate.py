@@ -131,7 +131,8 @@ def run_bench(
     spec = model or DEFAULT_MODEL
     engine = Engine(spec, dtype=dtype, max_batch=max(streams, 1))
     tok = engine.tokenizer
-    res = BenchResult(spec, str(engine.dtype).split(".")[-1], max_new_tokens, machine_info())
+    hf_dtype = str(engine.dtype).split(".")[-1]  # int4 is compared with HF in bf16
+    res = BenchResult(spec, "int4" if engine.int4 else hf_dtype, max_new_tokens, machine_info())
     # other processes on a small machine change every figure: record how busy it was
     res.machine["loadavg"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     prompts = [
@@ -142,7 +143,7 @@ def run_bench(
         # HF runs on the engine's own thread, between the engine's runs: torch work on a second
         # thread would slow whichever side runs next (see Engine.run_on_worker)
         hf = engine.run_on_worker(
-            lambda: load_model(spec, dtype=res.dtype, device=str(engine.device))
+            lambda: load_model(spec, dtype=hf_dtype, device=str(engine.device))
         )
         # warm both paths (first calls allocate caches / pick kernels)
         _engine_run(engine, prompts[:1], 4)

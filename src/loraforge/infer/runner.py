@@ -335,9 +335,8 @@ class Runner:
         return y
 
     def _rms(self, x, w):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * h.to(x.dtype)
+        # torch's rms_norm in fp32 is bit-identical to HF's RMSNorm arithmetic, in fewer ops
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def _rope(self, x, cos, sin):
         half = x.shape[-1] // 2
@@ -376,23 +375,28 @@ class Runner:
         q4 = self.int4 and slot is None  # decode steps only
         if spans is not None:
             rows = torch.arange(B, device=self.device)
+            first = spans[0][2] - 1  # the one row's position when B == 1
         for i, layer in enumerate(self.layers):
             lo = None if lora is None else lora[i]
             h = self._rms(x, layer.ln1)
             qkv = self._linear(h, layer, "qkv", lo, q4)
-            q = qkv[..., :nq].view(B, T, H, D).transpose(1, 2)
-            k = qkv[..., nq : nq + nk].view(B, T, KV, D).transpose(1, 2)
+            # q and k rotated together: the same arithmetic in half the ops
+            qk = self._rope(qkv[..., : nq + nk].view(B, T, H + KV, D).transpose(1, 2), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
             v = qkv[..., nq + nk :].view(B, T, KV, D).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             if slot is not None:
                 self.k[i][slot, :, :T] = k[0]
                 self.v[i][slot, :, :T] = v[0]
                 att = F.scaled_dot_product_attention(
                     q, k.contiguous(), v.contiguous(), is_causal=True, enable_gqa=self.gqa
                 )
+            elif B == 1:  # a plain copy is cheaper than index_put
+                self.k[i][0, :, first] = k[0, :, 0]
+                self.v[i][0, :, first] = v[0, :, 0]
             else:
                 self.k[i][rows, :, pos] = k[:, :, 0]
                 self.v[i][rows, :, pos] = v[:, :, 0]
+            if slot is None:
                 kc, vc = self.k[i], self.v[i]
                 parts = [
                     F.scaled_dot_product_attention(

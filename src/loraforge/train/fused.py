@@ -36,7 +36,7 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class _SiluMul(torch.autograd.Function):
-    """``silu(gate) * up``; backward recomputes the sigmoid instead of keeping silu's output."""
+    """``silu(gate) * up``; backward recomputes silu instead of keeping its output."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -46,12 +46,10 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        gf = gate.float()
-        sig = torch.sigmoid(gf)
-        gradf = grad.float()
-        d_up = gradf * (gf * sig)
-        d_gate = gradf * up.float() * (sig * (1.0 + gf * (1.0 - sig)))
-        return d_gate.to(gate.dtype), d_up.to(up.dtype)
+        # what autograd does for HF's silu(gate) * up, in its dtype, with silu recomputed
+        d_up = grad * F.silu(gate)
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return d_gate, d_up
 
 
 def _rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

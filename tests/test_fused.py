@@ -22,6 +22,18 @@ def _pair(make, dtype):
     return ref, fused
 
 
+def assert_same_forward_backward(ref, fused, x, g, tol):
+    """Both modules give the same output and input gradient for input ``x``, output grad ``g``."""
+    outs = []
+    for m in (ref, fused):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(g)
+        outs.append((y.float(), xi.grad.float()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=tol, rtol=tol)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_rmsnorm_matches_hf_forward_and_backward(dtype, tol):
     def make():
@@ -32,14 +44,7 @@ def test_rmsnorm_matches_hf_forward_and_backward(dtype, tol):
     ref, fused = _pair(make, dtype)
     x = torch.randn(3, 7, 64, dtype=dtype) * 3
     g = torch.randn(3, 7, 64, dtype=dtype)
-    outs = []
-    for m in (ref, fused):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.backward(g)
-        outs.append((y.float(), xi.grad.float()))
-    torch.testing.assert_close(outs[1][0], outs[0][0], atol=tol, rtol=tol)
-    torch.testing.assert_close(outs[1][1], outs[0][1], atol=tol, rtol=tol)
+    assert_same_forward_backward(ref, fused, x, g, tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
@@ -48,14 +53,7 @@ def test_silu_mlp_matches_hf_forward_and_backward(dtype, tol):
     ref, fused = _pair(lambda: LlamaMLP(cfg), dtype)
     x = torch.randn(2, 5, 32, dtype=dtype)
     g = torch.randn(2, 5, 32, dtype=dtype)
-    outs = []
-    for m in (ref, fused):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.backward(g)
-        outs.append((y.float(), xi.grad.float()))
-    torch.testing.assert_close(outs[1][0], outs[0][0], atol=tol, rtol=tol)
-    torch.testing.assert_close(outs[1][1], outs[0][1], atol=tol, rtol=tol)
+    assert_same_forward_backward(ref, fused, x, g, tol)
 
 
 def test_trainable_norm_keeps_its_own_forward():

@@ -31,9 +31,23 @@ def test_bench_train_both_sides(tiny_model_dir, tmp_path):
 def test_bench_train_cli_one_side(tiny_model_dir, tmp_path):
     out = tmp_path / "r.json"
     args = ["bench", "train", "--model", str(tiny_model_dir), "--records", "4", "--only",
-            "loraforge", "--json", str(out), "--markdown", str(tmp_path / "b.md")]  # fmt: skip
+            "loraforge", "--gradient-checkpointing", "--json", str(out),
+            "--markdown", str(tmp_path / "b.md")]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     assert "loraforge" in r and "baseline" not in r and "ratios" not in r
+    assert r["settings"]["gradient_checkpointing"] is True
     assert not (tmp_path / "b.md").exists()  # a one-sided run has no ratios to log
+
+
+def test_markdown_row_names_the_variant():
+    from loraforge.bench.train import markdown_row
+
+    side = {"tokens_per_s": 1.0, "peak_rss_mb": 1.0, "final_loss": 1.0}
+    ratios = {"tokens_per_s": 1.0, "peak_rss": 1.0, "final_loss_rel_diff": 0.0}
+    settings = {**TrainBenchSettings().__dict__, "gradient_checkpointing": True}
+    r = {"machine": "m", "settings": settings, "loraforge": side, "baseline": side}
+    assert "--gradient-checkpointing" in markdown_row({**r, "ratios": ratios})
+    settings["gradient_checkpointing"] = False
+    assert "--gradient" not in markdown_row({**r, "ratios": ratios})

@@ -480,6 +480,9 @@ def bench_train(
     batch_size: int = typer.Option(4),
     max_length: int = typer.Option(512),
     fast: bool = typer.Option(True, "--fast/--no-fast", help="loraforge side: the fast path."),
+    gradient_checkpointing: bool = typer.Option(
+        False, help="loraforge side: recompute activations in backward (less memory, slower)."
+    ),
     only: str = typer.Option(None, help="Run one side only: loraforge | baseline."),
     json_out: str = typer.Option(None, "--json", help="Write the results as JSON here."),
     markdown: str = typer.Option("docs/benchmarks.md", help="Append a row to this file."),
@@ -496,6 +499,7 @@ def bench_train(
         batch_size=batch_size,
         max_length=max_length,
         fast=fast,
+        gradient_checkpointing=gradient_checkpointing,
     )
     sides = (only,) if only else SIDES
     if only and only not in SIDES:

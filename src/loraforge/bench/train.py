@@ -48,6 +48,7 @@ class TrainBenchSettings:
     epochs: int = 1
     seed: int = 42
     fast: bool = True  # the loraforge side's fast path (--no-fast measures the plain path)
+    gradient_checkpointing: bool = False  # the loraforge side only
 
 
 def _examples(s: TrainBenchSettings, tokenizer):
@@ -117,6 +118,7 @@ def run_loraforge(s: TrainBenchSettings, workdir: Path) -> dict:
         seed=s.seed,
         warmup_ratio=0.0,
         fast=s.fast,
+        gradient_checkpointing=s.gradient_checkpointing,
         val_split=0.0,
         eval_steps=10**6,
         save_steps=10**6,
@@ -219,12 +221,21 @@ def markdown_row(r: dict) -> str:
     s = r["settings"]
     return (
         f"| {r['machine']} | {s['model']}, {s['records']} rec, batch {s['batch_size']}, "
-        f"len {s['max_length']}, r={s['lora_rank']} | {ours['tokens_per_s']:.0f} tok/s, "
+        f"len {s['max_length']}, r={s['lora_rank']}{_variant(s)} | "
+        f"{ours['tokens_per_s']:.0f} tok/s, "
         f"{ours['peak_rss_mb']:.0f} MB, loss {ours['final_loss']:.4f} | "
         f"{base['tokens_per_s']:.0f} tok/s, {base['peak_rss_mb']:.0f} MB, "
         f"loss {base['final_loss']:.4f} | {ratio['tokens_per_s']:.2f}x speed, "
         f"{ratio['peak_rss']:.2f}x RSS, loss diff {100 * ratio['final_loss_rel_diff']:.2f}% |"
     )
+
+
+def _variant(s: dict) -> str:
+    """The loraforge side's non-default settings, for the Markdown row."""
+    parts = ([] if s.get("fast", True) else ["--no-fast"]) + (
+        ["--gradient-checkpointing"] if s.get("gradient_checkpointing") else []
+    )
+    return "".join(f", {p}" for p in parts)
 
 
 def print_result(r: dict) -> None:

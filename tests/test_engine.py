@@ -380,7 +380,7 @@ def test_load_error_in_worker_reaches_the_caller(tiny_model_dir, monkeypatch):
 
 
 def test_int4_weights_match_their_dequantized_matmul():
-    from loraforge.infer.runner import Int4
+    from loraforge.infer.int4 import Int4
 
     torch.manual_seed(0)
     w = torch.randn(96, 128)

@@ -21,7 +21,7 @@ import torch
 from loraforge.adapters import AdapterError, read_meta, same_base
 from loraforge.data.tokenize import DEFAULT_SYSTEM, prompt_ids, resolve_template, stop_token_ids
 from loraforge.errors import UserError
-from loraforge.infer.request import RequestHandle
+from loraforge.infer.request import Call, RequestHandle
 from loraforge.infer.runner import Runner, read_lora
 from loraforge.infer.sampling import GenerationResult, SamplingParams, is_greedy, sample
 
@@ -85,7 +85,7 @@ class Engine:
         self._adapters: dict[str, dict] = {}  # name -> LoRA tensors
         self._meta: dict[str, tuple[str, str | None]] = {}  # name -> (template, system)
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
-        self._calls: queue.Queue[_Call] = queue.Queue()  # work the worker runs for other threads
+        self._calls: queue.Queue[Call] = queue.Queue()  # work the worker runs for other threads
         self._wake = threading.Event()
         self._active: list[RequestHandle] = []  # row b of the running batch uses KV slot b
         self._closed = False
@@ -120,7 +120,7 @@ class Engine:
             return fn()
         if self._closed:
             raise UserError("the engine is closed")
-        call = _Call(fn)
+        call = Call(fn)
         self._calls.put(call)
         self._wake.set()
         return call.wait()
@@ -388,28 +388,3 @@ class Engine:
             self.runner.move_slot(last, i, len(moved.prompt) + len(moved.tokens))
             self._active[i] = moved
         self._active.pop()
-
-
-class _Call:
-    """A function the worker runs for another thread; ``wait`` returns its result or raises."""
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-        self.done = threading.Event()
-        self.result = None
-        self.error: BaseException | None = None
-
-    def run(self, refuse: BaseException | None = None) -> None:
-        try:
-            if refuse is not None:
-                raise refuse
-            self.result = self.fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
-            self.error = e
-        self.done.set()
-
-    def wait(self):
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result

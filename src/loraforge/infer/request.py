@@ -1,11 +1,12 @@
-"""One submitted generation request: the caller's handle, filled in by the engine's worker."""
+"""One submitted generation request (the caller's handle, filled in by the engine's worker), and a
+function call the worker runs for another thread."""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from loraforge.infer.sampling import GenerationResult, SamplingParams, TextTracker, make_generator
 
@@ -79,3 +80,28 @@ class RequestHandle:
         self._error = error
         self._done.set()
         self._deltas.put(_DONE)
+
+
+class Call:
+    """A function the worker runs for another thread; ``wait`` returns its result or raises."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+    def run(self, refuse: BaseException | None = None) -> None:
+        try:
+            if refuse is not None:
+                raise refuse
+            self.result = self.fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            self.error = e
+        self.done.set()
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result

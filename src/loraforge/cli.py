@@ -169,14 +169,12 @@ def chat(
 
     params = sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
     engine, name = open_engine(model, adapter, dtype)
-    try:
+    with engine:
         session = ChatSession(engine, params, adapter=name, system=system)
         if query is not None:
             one_shot(session, query)
         else:
             repl(session)
-    finally:
-        engine.close()
 
 
 @app.command()
@@ -202,12 +200,10 @@ def infer(
 
     params = sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
     engine, name = open_engine(model, adapter, dtype)
-    try:
+    with engine:
         s = run_infer(
             engine, input, output, params, adapter=name, system=system, batch_size=batch_size
         )
-    finally:
-        engine.close()
     console.print(
         f"{s.answered} answered, {s.skipped} already in {output} (of {s.total}); "
         f"{s.stopped_by_length} hit --max-new-tokens"
@@ -288,7 +284,7 @@ def data_distill(
 
     params = sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
     engine, name = open_engine(model, adapter, dtype)
-    try:
+    with engine:
         s = distill(
             engine,
             output,
@@ -299,8 +295,6 @@ def data_distill(
             keep_truncated=keep_truncated,
             batch_size=batch_size,
         )
-    finally:
-        engine.close()
     console.print(
         f"{s.written} of {s.questions} answers written to {output} "
         f"({s.truncated} hit --max-new-tokens, {s.empty} empty)"
@@ -354,10 +348,8 @@ def eval_(
     if expect_name:
         params = sampling(temperature, max_new_tokens=max_new_tokens, seed=seed)
         engine, name = open_engine(model, adapter, dtype)
-        try:
+        with engine:
             ident = eval_identity(engine, expect_name, params, adapter=name, questions=questions)
-        finally:
-            engine.close()
         report["identity"] = asdict(ident)
         tags = ", ".join(f"{t} {v:.0%}" for t, v in ident.by_tag.items())
         console.print(

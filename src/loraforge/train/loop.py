@@ -149,7 +149,7 @@ def run_sft(
         losses, counts = [], []
         with torch.no_grad():
             for b in vbatches:
-                b = {k: v.to(accelerator.device) for k, v in b.items() if k != "row_lengths"}
+                b = {k: v.to(accelerator.device) for k, v in b.items()}
                 n = int((b["labels"][:, 1:] != -100).sum())
                 losses.append(float(loss_model(**b)) * n)
                 counts.append(n)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from helpers import make_adapter
 
+from loraforge.data.inputs import prompt_messages, read_inputs
 from loraforge.data.sources import DataError
-from loraforge.infer.batch import prompt_messages, read_inputs, run_infer
+from loraforge.infer.batch import run_infer
 from loraforge.infer.chat import open_engine, sampling
 
 PARAMS = {"temperature": 0.0, "max_new_tokens": 6}

@@ -63,3 +63,23 @@ def same_base(a: str, b: str) -> bool:
         return resolve_model(a).resolve() == resolve_model(b).resolve()
     except ModelError:
         return False
+
+
+def resolve_adapter(adapter_dir: str | Path, model: str | None = None) -> AdapterMeta:
+    """The adapter dir's metadata, after checking that ``model`` (when given: --model, or the
+    model an engine runs) is the base it was trained on. Every verb that takes --adapter and
+    --model asks here, so the refusal reads the same everywhere."""
+    meta = read_meta(adapter_dir)
+    if model is not None and not same_base(str(model), meta.base_model):
+        raise AdapterError(f"{adapter_dir} was trained on '{meta.base_model}', not on '{model}'")
+    return meta
+
+
+def prompt_format(meta: AdapterMeta | None, tokenizer) -> tuple[str, str | None]:
+    """(chat template, default system prompt) to render prompts with: what the adapter recorded
+    at training time, or for the bare base model its own template and loraforge's default."""
+    from loraforge.data.tokenize import DEFAULT_SYSTEM, resolve_template
+
+    if meta is None:
+        return resolve_template(tokenizer), DEFAULT_SYSTEM
+    return meta.chat_template or resolve_template(tokenizer), meta.system

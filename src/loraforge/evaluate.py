@@ -40,17 +40,6 @@ class IdentityResult:
     answers: list[dict] = field(default_factory=list)  # {"question", "answer", "hit", "eos"}
 
 
-def _template_and_system(adapter: str | None, tokenizer) -> tuple[str, str | None]:
-    """What the engine would use: the adapter's recorded template/system, else the defaults."""
-    from loraforge.adapters import read_meta
-    from loraforge.data.tokenize import DEFAULT_SYSTEM, resolve_template
-
-    if adapter:
-        meta = read_meta(adapter)
-        return meta.chat_template, meta.system
-    return resolve_template(tokenizer), DEFAULT_SYSTEM
-
-
 def eval_loss(
     datasets: list[str],
     *,
@@ -67,22 +56,18 @@ def eval_loss(
     import torch.nn.functional as F
     from rich.progress import Progress
 
-    from loraforge.adapters import AdapterError, read_meta, same_base
+    from loraforge.adapters import prompt_format, resolve_adapter
     from loraforge.console import err_console
     from loraforge.data import load_examples
     from loraforge.data.collate import pad_batch
     from loraforge.data.tokenize import IGNORE_INDEX
     from loraforge.models import load_model, load_tokenizer
 
-    base = model
-    if adapter:
-        meta = read_meta(adapter)
-        if model is not None and not same_base(model, meta.base_model):
-            raise AdapterError(f"{adapter} was trained on '{meta.base_model}', not on '{model}'")
-        base = meta.base_model
-        max_length = max_length or meta.max_length
+    meta = resolve_adapter(adapter, model) if adapter else None
+    base = meta.base_model if meta else model
+    max_length = max_length or (meta.max_length if meta else None)
     tokenizer = load_tokenizer(base)
-    template, system = _template_and_system(adapter, tokenizer)
+    template, system = prompt_format(meta, tokenizer)
     examples, report = load_examples(
         datasets,
         tokenizer,
@@ -127,7 +112,7 @@ def eval_loss(
 
 def read_questions(path: str | Path | None = None) -> list[tuple[str, str]]:
     """(question, tag) pairs: the built-in identity set, or any file `infer` reads."""
-    from loraforge.infer.batch import read_inputs
+    from loraforge.data.inputs import read_inputs
 
     records = read_inputs(path or IDENTITY_QUESTIONS)
     return [(msgs[-1]["content"], str(rec.get("tag") or "")) for rec, msgs in records]

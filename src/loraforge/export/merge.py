@@ -18,13 +18,12 @@ and must stay within a tolerance that fits the dtype (see the notes on FP32_TOLE
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.adapters import AdapterError, read_meta, same_base
+from loraforge.adapters import prompt_format, resolve_adapter
 from loraforge.errors import UserError
+from loraforge.fsutil import atomic_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -106,23 +105,16 @@ def merge_adapter(
     force: bool = False,
     tolerance: float | None = None,
 ) -> MergeResult:
-    """Merge ``adapter_dir`` into its base model, save to ``output_dir`` and verify the result."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from loraforge.data.tokenize import encode_conversation, stop_token_ids
-    from loraforge.models import load_model, load_tokenizer, resolve_model
+    """Merge ``adapter_dir`` into its base model, save to ``output_dir`` and verify the result:
+    check the arguments, merge in fp32 and check that, cast, write to a temp dir, reload and
+    check what was written, then move it into place."""
+    from loraforge.data.tokenize import encode_conversation
+    from loraforge.models import load_tokenizer, resolve_model
 
     if dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    meta = read_meta(adapter_dir)
-    if model is not None and not same_base(model, meta.base_model):
-        raise AdapterError(
-            f"--model {model} differs from the base {meta.base_model} that {adapter_dir} "
-            "was trained on"
-        )
+    meta = resolve_adapter(adapter_dir, model)
     if output_dir.resolve() == adapter_dir.resolve():
         raise MergeError(f"--output {output_dir} is the adapter dir itself")
     if output_dir.exists() and any(output_dir.iterdir()) and not force:
@@ -130,91 +122,113 @@ def merge_adapter(
 
     base_dir = resolve_model(meta.base_model)
     tokenizer = load_tokenizer(base_dir)
-    template = meta.chat_template or tokenizer.chat_template
+    template, _ = prompt_format(meta, tokenizer)
     ids = [
         encode_conversation(tokenizer, conv, template=template, system=meta.system).input_ids
         for conv in VERIFY_CONVERSATIONS
     ]
+    merged, reference, merge_diff = _merge_fp32(base_dir, adapter_dir, ids, tolerance)
+    expected, tol = _cast(merged, dtype, ids, reference, tolerance)
+    eos = _set_eos(merged, tokenizer, template)
+    merged.config._name_or_path = output_dir.name
+    with atomic_dir(output_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.chat_template = bake_system(template, meta.system)
+        tokenizer.save_pretrained(tmp)
+        _drop_quantization_config(tmp / "config.json")
+        del merged
+        diff, round_trip = _verify_saved(tmp, dtype, ids, reference, expected, tol, output_dir)
+        record = {
+            "adapter": str(adapter_dir.resolve()),
+            "base_model": meta.base_model,
+            "dtype": dtype,
+            "system": meta.system,
+            "max_abs_logit_diff": diff,
+            "tolerance": tol,
+            "fp32_merge_diff": merge_diff,
+            "round_trip_diff": round_trip,
+        }
+        (tmp / "loraforge_merge.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    return MergeResult(output_dir, dtype, diff, tol, eos, merge_diff, round_trip)
 
-    # Merge in fp32 and cast once at the end: merging in half precision rounds twice.
+
+def _merge_fp32(base_dir: Path, adapter_dir: Path, ids: list, tolerance: float | None):
+    """(merged model, base + adapter logits, their max |diff|), merged in fp32: merging in half
+    precision would round twice. Fails before anything is written if the merge is off."""
+    from peft import PeftModel
+
+    from loraforge.models import load_model
+
     peft_model = PeftModel.from_pretrained(load_model(base_dir, dtype="float32"), adapter_dir)
     peft_model.eval()
     reference = _logits(peft_model, ids)
     merged = peft_model.merge_and_unload()
     fp32_tol = FP32_TOLERANCE if tolerance is None else tolerance
-    merge_diff = _max_diff(reference, expected := _logits(merged, ids))
+    merge_diff = _max_diff(reference, _logits(merged, ids))
     if not merge_diff <= fp32_tol:  # also catches NaN
         raise MergeError(
             f"merged model differs from base + adapter already in fp32: max |logit diff| "
-            f"{merge_diff:.4g} > {fp32_tol:g}; nothing written to {output_dir}"
+            f"{merge_diff:.4g} > {fp32_tol:g}; nothing written"
         )
-    tol = fp32_tol
-    if dtype != "float32":
-        # Parameters only: `model.to(dtype)` would also round buffers such as the rotary
-        # inv_freq, which from_pretrained keeps in fp32 (that alone moves bf16 logits by ~0.5).
-        for param in merged.parameters():
-            param.data = param.data.to(getattr(torch, dtype))
-        merged.config.dtype = getattr(torch, dtype)
-        expected = _logits(merged, ids)  # what the saved model must reproduce
-        rounding = _max_diff(reference, expected)
-        tol = rounding + HALF_SLACK if tolerance is None else tolerance
-    if hasattr(merged.config, "quantization_config"):
-        del merged.config.quantization_config
-    merged.config._name_or_path = output_dir.name
+    return merged, reference, merge_diff
+
+
+def _cast(merged, dtype: str, ids: list, reference: list, tolerance: float | None):
+    """Cast the merged weights to ``dtype``; return (the logits the saved model must
+    reproduce, the tolerance against ``reference``)."""
+    import torch
+
+    if dtype == "float32":
+        return _logits(merged, ids), FP32_TOLERANCE if tolerance is None else tolerance
+    # Parameters only: `model.to(dtype)` would also round buffers such as the rotary inv_freq,
+    # which from_pretrained keeps in fp32 (that alone moves bf16 logits by ~0.5).
+    for param in merged.parameters():
+        param.data = param.data.to(getattr(torch, dtype))
+    merged.config.dtype = getattr(torch, dtype)
+    expected = _logits(merged, ids)
+    rounding = _max_diff(reference, expected)
+    return expected, rounding + HALF_SLACK if tolerance is None else tolerance
+
+
+def _set_eos(merged, tokenizer, template: str) -> list[int]:
+    """The generation config's EOS becomes the template's end-of-turn token(s)."""
+    from loraforge.data.tokenize import stop_token_ids
 
     eos = stop_token_ids(tokenizer, template)
     gen = merged.generation_config
     gen.eos_token_id = eos[0] if len(eos) == 1 else eos
     gen.pad_token_id = tokenizer.pad_token_id
     merged.config.eos_token_id = gen.eos_token_id
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    return eos
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.chat_template = bake_system(template, meta.system)
-        tokenizer.save_pretrained(tmp)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg.pop("quantization_config", None)
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-        del merged, peft_model
 
-        # Verify what was written, loaded the way a user will load it.
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+def _drop_quantization_config(cfg_path: Path) -> None:
+    """A gguf-converted base may still name a quantization; the merged weights are plain."""
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("quantization_config", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def _verify_saved(tmp: Path, dtype: str, ids, reference, expected, tol: float, output_dir: Path):
+    """Reload what was written, the way a user will, and compare: (max |diff| vs base +
+    adapter, max |diff| vs the merged weights before saving)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
+    saved = _logits(reloaded.eval(), ids)
+    del reloaded
+    diff = _max_diff(reference, saved)
+    round_trip = _max_diff(expected, saved)
+    slack = HALF_SLACK if dtype != "float32" else tol
+    if not (diff <= tol and round_trip <= slack):
+        raise MergeError(
+            f"merged model ({dtype}) differs from base + adapter: max |logit diff| "
+            f"{diff:.4g} (tolerance {tol:.4g}); save/reload changed logits by "
+            f"{round_trip:.4g} (tolerance {slack:g}); nothing written to {output_dir}"
         )
-        saved = _logits(reloaded.eval(), ids)
-        del reloaded
-        diff = _max_diff(reference, saved)
-        round_trip = _max_diff(expected, saved)
-        slack = HALF_SLACK if dtype != "float32" else fp32_tol
-        if not (diff <= tol and round_trip <= slack):
-            raise MergeError(
-                f"merged model ({dtype}) differs from base + adapter: max |logit diff| "
-                f"{diff:.4g} (tolerance {tol:.4g}); save/reload changed logits by "
-                f"{round_trip:.4g} (tolerance {slack:g}); nothing written to {output_dir}"
-            )
-        (tmp / "loraforge_merge.json").write_text(
-            json.dumps(
-                {
-                    "adapter": str(adapter_dir.resolve()),
-                    "base_model": meta.base_model,
-                    "dtype": dtype,
-                    "system": meta.system,
-                    "max_abs_logit_diff": diff,
-                    "tolerance": tol,
-                    "fp32_merge_diff": merge_diff,
-                    "round_trip_diff": round_trip,
-                },
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return MergeResult(output_dir, dtype, diff, tol, eos, merge_diff, round_trip)
+    return diff, round_trip

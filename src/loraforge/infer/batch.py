@@ -17,11 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.data.sources import DataError, read_records
+from loraforge.data.inputs import read_inputs
 from loraforge.errors import UserError
-
-PLACEHOLDER = "\x00answer\x00"  # stands for the missing answer while normalising a prompt record
-QUESTION_KEYS = ("query", "question", "prompt")
 
 
 @dataclass
@@ -30,66 +27,6 @@ class InferStats:
     skipped: int  # already answered in the output file
     answered: int
     stopped_by_length: int
-
-
-def prompt_messages(record: dict) -> list[dict]:
-    """The conversation to answer for one input record (raises RecordProblem if unusable)."""
-    from loraforge.data.formats import RecordProblem, normalise
-
-    if not isinstance(record, dict):
-        raise RecordProblem("record is not an object with named fields")
-    rec = dict(record)
-    known = ("messages", "conversations", "instruction", "input", "query")
-    if not any(k in rec for k in known):
-        for key in QUESTION_KEYS[1:]:
-            if isinstance(rec.get(key), str):
-                rec["query"] = rec[key]
-                break
-    # The formats all demand an answer; lend one so the same normaliser as training is used.
-    if "messages" in rec and isinstance(rec["messages"], list):
-        rec["messages"] = [*rec["messages"], {"role": "assistant", "content": PLACEHOLDER}]
-    elif "conversations" in rec and isinstance(rec["conversations"], list):
-        rec["conversations"] = [*rec["conversations"], {"from": "gpt", "value": PLACEHOLDER}]
-    elif "instruction" in rec or "input" in rec:
-        rec["output"] = PLACEHOLDER
-    elif "query" in rec:
-        rec["response"] = PLACEHOLDER
-    _, messages, _ = normalise(rec)
-    # Ask the conversation up to its last user turn (the given answer, if any, is dropped).
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is None:
-        raise RecordProblem("no user turn to answer")
-    return messages[: last_user + 1]
-
-
-def read_inputs(path: str | Path) -> list[tuple[dict, list[dict]]]:
-    """(record, prompt messages) for each record of ``path``; a bad record is an error naming
-    its line (a batch run should not silently leave questions out)."""
-    from loraforge.data.formats import RecordProblem
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--input {path}: no such file")
-    if path.suffix == ".txt":
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        return [
-            ({"query": q.strip()}, [{"role": "user", "content": q.strip()}])
-            for q in lines
-            if q.strip()
-        ]
-    if path.suffix not in (".jsonl", ".json", ".csv", ".parquet"):
-        raise DataError(f"--input {path}: use .jsonl, .json, .csv, .parquet or .txt")
-    out = []
-    for raw in read_records(path, str(path)):
-        try:
-            if raw.problem:
-                raise RecordProblem(raw.problem)
-            out.append((raw.value, prompt_messages(raw.value)))
-        except RecordProblem as e:
-            raise DataError(f"{raw.where}: {e}") from None
-    if not out:
-        raise DataError(f"--input {path}: no records")
-    return out
 
 
 def _key(record: dict) -> str:

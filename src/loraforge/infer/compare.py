@@ -29,7 +29,7 @@ def column_names(adapter_dirs: list[str]) -> list[str]:
 
 def questions_from(queries: list[str], input_path: str | None) -> list[list[dict]]:
     """Prompt conversations from ``-q`` values and/or an input file (any `infer` format)."""
-    from loraforge.infer.batch import read_inputs
+    from loraforge.data.inputs import read_inputs
 
     convs = [[{"role": "user", "content": q}] for q in queries]
     if input_path:

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from loraforge.adapters import AdapterError, read_meta, same_base
+from loraforge.adapters import AdapterError, read_meta, resolve_adapter
 from loraforge.data.tokenize import DEFAULT_SYSTEM, prompt_ids, resolve_template, stop_token_ids
 from loraforge.errors import UserError
 from loraforge.infer.request import Call, RequestHandle
@@ -130,11 +130,7 @@ class Engine:
         cls, adapter_dir: str, model: str | None = None, name: str | None = None, **kw
     ) -> Engine:
         """An engine on the adapter's base model, with the adapter loaded (as ``name``)."""
-        meta = read_meta(adapter_dir)
-        if model is not None and not same_base(model, meta.base_model):
-            raise AdapterError(
-                f"{adapter_dir} was trained on '{meta.base_model}', not on '{model}'"
-            )
+        meta = resolve_adapter(adapter_dir, model)
         kw.setdefault("template", meta.chat_template)
         kw.setdefault("system", meta.system)
         engine = cls(model or meta.base_model, **kw)
@@ -149,12 +145,7 @@ class Engine:
         """Load a loraforge adapter dir under ``name`` (replacing one of that name)."""
         if name == self.base_name:
             raise AdapterError(f"adapter name '{name}' is the base model's name; pick another")
-        meta = read_meta(path)
-        if not same_base(meta.base_model, self.model_spec):
-            raise AdapterError(
-                f"{path} was trained on '{meta.base_model}', "
-                f"but this engine runs '{self.model_spec}'"
-            )
+        meta = resolve_adapter(path, self.model_spec)
 
         def load() -> None:
             self._adapters[name] = read_lora(path, self.runner)

@@ -70,14 +70,15 @@ class Message(_Body):
         return v
 
     def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for p in self.content:
-            if p.type != "text" or p.text is None:
-                raise APIError(400, f"content part of type '{p.type}' is not supported (text only)")
-            parts.append(p.text)
-        return "".join(parts)
+        from loraforge.data.formats import RecordProblem, content_text
+
+        parts = self.content
+        if isinstance(parts, list):
+            parts = [p.model_dump(exclude_none=True) for p in parts]
+        try:
+            return content_text(parts, "messages[].content")
+        except RecordProblem as e:
+            raise APIError(400, str(e), param="messages") from None
 
 
 class StreamOptions(_Body):

@@ -10,7 +10,6 @@ usable; readers only consider dirs whose ``state.json`` exists.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import UserError
+from loraforge.fsutil import atomic_dir
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -115,40 +115,21 @@ def _set_rng_state(state: dict) -> None:
         np.random.set_state(state["numpy"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def save_checkpoint(
     output: Path, model, optimizer, scheduler, state: TrainState, write_extra=None
 ) -> Path:
     """Write checkpoint ``step-<state.step>`` atomically; ``write_extra(dir)`` adds files
     (loraforge.json) before the rename."""
-    root = Path(output) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp)
-    if write_extra is not None:
-        write_extra(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-    _fsync_tree(tmp)
-    if final.exists():  # the same step saved again after a resume: replace it
-        old = root / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    final = Path(output) / CKPT_DIR / f"step-{state.step:06d}"
+    # A re-save of the same step (after a resume) swaps the new dir in atomically (fsutil).
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     return final
 
 
@@ -169,7 +150,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
 
 def rotate_checkpoints(output: Path, keep_last: int, best_step: int | None) -> None:
     """Delete all but the newest ``keep_last`` checkpoints, always keeping the best one; also
-    clear temp dirs that a killed save left behind."""
+    clear temp dirs that a killed save left behind (only one process saves at a time)."""
     dirs = checkpoint_dirs(output)
     keep = set(dirs[-keep_last:])
     if best_step is not None:
@@ -178,6 +159,5 @@ def rotate_checkpoints(output: Path, keep_last: int, best_step: int | None) -> N
         if d not in keep:
             shutil.rmtree(d, ignore_errors=True)
     root = Path(output) / CKPT_DIR
-    for d in root.glob(".tmp-*"):
-        if not d.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(d, ignore_errors=True)
+    for d in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a save that was killed
+        shutil.rmtree(d, ignore_errors=True)

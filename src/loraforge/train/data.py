@@ -13,7 +13,7 @@ import torch
 
 from loraforge.config import SFTConfig
 from loraforge.data.collate import epoch_order, pack_batch, pad_batch
-from loraforge.data.tokenize import DEFAULT_SYSTEM, IGNORE_INDEX, Example
+from loraforge.data.tokenize import IGNORE_INDEX, Example, resolve_system
 from loraforge.errors import UserError
 
 
@@ -27,7 +27,7 @@ def load_train_val(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Examp
 
     kwargs = dict(
         template=cfg.template,
-        system=DEFAULT_SYSTEM if cfg.system is None else cfg.system,
+        system=resolve_system(cfg.system),
         max_length=cfg.max_length,
         seed=cfg.seed,
         model_name=cfg.model_name,

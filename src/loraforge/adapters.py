@@ -47,10 +47,42 @@ def read_meta(adapter_dir: str | Path) -> AdapterMeta:
     if not meta_path.is_file():
         raise AdapterError(f"{d}: no {META_FILE}; was it trained by loraforge?")
     try:
-        raw = json.loads(meta_path.read_text())
-        return AdapterMeta(**{k: raw.get(k) for k in AdapterMeta.__dataclass_fields__})
-    except (json.JSONDecodeError, TypeError) as e:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = AdapterMeta(**{k: raw.get(k) for k in AdapterMeta.__dataclass_fields__})
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise AdapterError(f"{meta_path}: unreadable ({e})") from e
+    _check_meta(meta, meta_path)
+    return meta
+
+
+def _check_meta(meta: AdapterMeta, where: Path) -> None:
+    """Fields of an adapter dir are data, and only data: a chat template that is not Jinja
+    text would otherwise be read as a file path, and a base model that is a .gguf file would
+    be converted (and cached under its name) just because someone loaded the adapter."""
+    if not isinstance(meta.base_model, str) or not meta.base_model:
+        raise AdapterError(f"{where}: base_model must be a model name or dir")
+    if Path(meta.base_model).suffix == ".gguf" and not _converted(meta.base_model):
+        raise AdapterError(
+            f"{where}: base_model {meta.base_model} is a .gguf file not converted yet; "
+            f"convert it once by using it as --model (loraforge chat --model FILE -q hi)"
+        )
+    t = meta.chat_template
+    if not isinstance(t, str) or not ("{%" in t or "{{" in t):
+        raise AdapterError(f"{where}: chat_template must be the Jinja text used in training")
+    if meta.system is not None and not isinstance(meta.system, str):
+        raise AdapterError(f"{where}: system must be text or null")
+    if meta.max_length is not None and not isinstance(meta.max_length, int):
+        raise AdapterError(f"{where}: max_length must be a whole number or null")
+
+
+def _converted(gguf: str) -> bool:
+    from loraforge.models import ModelError, resolve_model
+
+    try:
+        resolve_model(gguf, convert=False)
+        return True
+    except ModelError:
+        return False
 
 
 def same_base(a: str, b: str) -> bool:
@@ -59,8 +91,10 @@ def same_base(a: str, b: str) -> bool:
         return True
     from loraforge.models import ModelError, resolve_model
 
-    try:
-        return resolve_model(a).resolve() == resolve_model(b).resolve()
+    try:  # never converts a .gguf: comparing names must not write to the model cache
+        return (
+            resolve_model(a, convert=False).resolve() == resolve_model(b, convert=False).resolve()
+        )
     except ModelError:
         return False
 

@@ -51,22 +51,24 @@ def _bundled_gguf(name: str) -> Path:
     return path
 
 
-def resolve_model(spec: str | os.PathLike | None = None) -> Path:
-    """Return a local HF model dir for ``spec``, converting a GGUF file on first use."""
+def resolve_model(spec: str | os.PathLike | None = None, convert: bool = True) -> Path:
+    """Return a local HF model dir for ``spec``, converting a GGUF file on first use (with
+    ``convert=False`` a GGUF not converted yet is a ModelError instead)."""
     spec = str(spec or DEFAULT_MODEL)
     if spec in BUNDLED:
         cached = models_dir() / spec
         if _is_hf_dir(cached):
             return cached
-        return convert_gguf(_bundled_gguf(spec), cached)
+        return _convert(_bundled_gguf(spec), cached, convert)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
-        cached = models_dir() / path.stem
+        # a user's file never takes a bundled model's cache dir, whatever it is called
+        cached = models_dir() / (path.stem if path.stem not in BUNDLED else f"{path.stem}-file")
         if _is_hf_dir(cached) and _source_of(cached) == str(path.resolve()):
             return cached
-        return convert_gguf(path, cached)
+        return _convert(path, cached, convert)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a Hugging Face model dir (no config.json)")
@@ -76,6 +78,12 @@ def resolve_model(spec: str | os.PathLike | None = None) -> Path:
         f"unknown model '{spec}': give a bundled name ({known}), "
         "a local HF model dir or a .gguf file"
     )
+
+
+def _convert(gguf: Path, cached: Path, convert: bool) -> Path:
+    if not convert:
+        raise ModelError(f"{gguf} is not converted yet")
+    return convert_gguf(gguf, cached)
 
 
 def _is_hf_dir(path: Path) -> bool:

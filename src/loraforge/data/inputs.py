@@ -53,7 +53,11 @@ def read_inputs(path: str | Path) -> list[tuple[dict, list[dict]]]:
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
     if path.suffix == ".txt":
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            where = f"--input {path}: not UTF-8 text (byte {e.start}: {e.reason})"
+            raise DataError(where) from None
         return [
             ({"query": q.strip()}, [{"role": "user", "content": q.strip()}])
             for q in lines

@@ -99,6 +99,8 @@ def _read_jsonl(path: Path, shown: str) -> Iterator[RawRecord]:
                 yield RawRecord(json.loads(line), where)
             except json.JSONDecodeError as e:
                 yield RawRecord(None, where, f"malformed JSON ({e.msg} at column {e.colno})")
+            except RecursionError:  # json's C decoder recurses once per nesting level
+                yield RawRecord(None, where, "JSON nested too deeply to be a record")
 
 
 def _read_json(path: Path, shown: str) -> Iterator[RawRecord]:
@@ -109,9 +111,12 @@ def _read_json(path: Path, shown: str) -> Iterator[RawRecord]:
     """
     text = path.read_text(encoding="utf-8-sig")
     try:
-        records = list(_scan_list(text))
-    except (json.JSONDecodeError, ValueError):
-        records = _whole_json(text, shown)
+        try:
+            records = list(_scan_list(text))
+        except (json.JSONDecodeError, ValueError):
+            records = _whole_json(text, shown)
+    except RecursionError:
+        raise DataError(f"{shown}: JSON nested too deeply to be a list of records") from None
     # Line numbers help only when each record starts on a line of its own (not `json.dump`).
     lines = [line for line, _ in records]
     by_line = None not in lines and len(set(lines)) == len(lines)
@@ -160,17 +165,25 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
+# csv's default cell limit (131,072 characters) is below a long answer or document; a cell may
+# be as long as the file.
+csv.field_size_limit(2**31 - 1)
+
+
 def _read_csv(path: Path, shown: str) -> Iterator[RawRecord]:
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames:  # reading them now makes line_num count the header
-            return
-        end = reader.line_num
-        for row in reader:
-            start, end = end + 1, reader.line_num  # a quoted cell may span several lines
-            # Empty cells are absent fields; extra cells (key None) have no column name.
-            rec = {k: v for k, v in row.items() if k is not None and v not in ("", None)}
-            yield RawRecord(rec, f"{shown}:{start}")
+        try:
+            if not reader.fieldnames:  # reading them now makes line_num count the header
+                return
+            end = reader.line_num
+            for row in reader:
+                start, end = end + 1, reader.line_num  # a quoted cell may span several lines
+                # Empty cells are absent fields; extra cells (key None) have no column name.
+                rec = {k: v for k, v in row.items() if k is not None and v not in ("", None)}
+                yield RawRecord(rec, f"{shown}:{start}")
+        except csv.Error as e:  # e.g. a NUL byte: nothing after it can be trusted
+            raise DataError(f"{shown}:{reader.line_num}: malformed CSV ({e})") from None
 
 
 def _read_parquet(path: Path, shown: str) -> Iterator[RawRecord]:

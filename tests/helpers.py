@@ -35,3 +35,52 @@ def make_adapter(
     )
     write_meta(out_dir, meta)
     return out_dir
+
+
+def qa_examples(tokenizer, n: int) -> list:
+    """``n`` tokenised one-turn conversations of varied lengths (assistant tokens labelled)."""
+    from loraforge.data.tokenize import encode_conversation
+
+    def conv(k: int) -> list[dict]:
+        answer = f"item {k} is " + "very " * (k % 5) + "nice"
+        return [{"role": "user", "content": f"what is item {k}?"},
+                {"role": "assistant", "content": answer}]  # fmt: skip
+
+    return [encode_conversation(tokenizer, conv(k)) for k in range(n)]
+
+
+def assert_bf16_agrees(
+    ref_logits, got_logits, *, margin: float, atol: float, what: str = "", decode=None
+) -> int:
+    """Two bf16 implementations agree along a reference greedy sequence, as far as bf16 allows.
+
+    ``ref_logits`` / ``got_logits`` [T, V]: the next-token logits of each side at every position
+    of the reference's greedy sequence, both fed the reference's tokens (teacher-forced), so one
+    early near-tie cannot derail the rest of the comparison. Exact token equality is not a
+    property of bf16: the rounding depends on the kernels the CPU gets (AMX, AVX-512 BF16, ...).
+    So, at every position: max |logit diff| <= ``atol``, and where the reference's top-1 logit
+    beats its top-2 by more than ``margin``, both sides pick the same top-1 token. Returns how
+    many positions had their top-1 token checked; ``decode`` (token id -> text) makes failure
+    messages readable.
+    """
+    ref, got = ref_logits.float(), got_logits.float()
+    assert ref.shape == got.shape, f"{what}logits of shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    top2 = ref.topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    want, have = ref.argmax(-1).tolist(), got.argmax(-1).tolist()
+    diffs = (got - ref).abs().amax(-1).tolist()
+
+    def name(tok: int) -> str:
+        return f"{tok} {decode(tok)!r}" if decode else str(tok)
+
+    checked = 0
+    for t, (m, d, w, h) in enumerate(zip(margins, diffs, want, have, strict=True)):
+        where = (
+            f"{what}position {t}: reference token {name(w)}, got {name(h)}; "
+            f"reference top-2 margin {m:.4g}, max |logit diff| {d:.4g}"
+        )
+        if m > margin:
+            checked += 1
+            assert h == w, f"{where}: top-1 differs although the margin is > {margin}"
+        assert d <= atol, f"{where}: logits differ by more than atol={atol}"
+    return checked

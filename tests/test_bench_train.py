@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from loraforge.bench.train import TrainBenchSettings, bench_train, record
@@ -51,3 +54,23 @@ def test_markdown_row_names_the_variant():
     assert "--gradient-checkpointing" in markdown_row({**r, "ratios": ratios})
     settings["gradient_checkpointing"] = False
     assert "--gradient" not in markdown_row({**r, "ratios": ratios})
+
+
+def test_a_failed_side_is_one_line_naming_it(monkeypatch):
+    """A side that dies raises BenchError (a UserError: one line), with the side and the
+    subprocess's last error line, not a RuntimeError with a traceback."""
+    from loraforge.bench import train as bench
+    from loraforge.errors import UserError
+
+    stderr = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: no model\n\n'
+    done = subprocess.CompletedProcess([], 1, stdout="loading...\n", stderr=stderr)
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: done)
+    with pytest.raises(bench.BenchError) as e:
+        bench.run_side("baseline", TrainBenchSettings(), Path("."))
+    assert isinstance(e.value, UserError)
+    want = "bench train: the baseline run failed (exit code 1): ValueError: no model"
+    assert str(e.value) == want
+    silent = subprocess.CompletedProcess([], -9, stdout="", stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: silent)
+    with pytest.raises(bench.BenchError, match=r"loraforge run failed \(exit code -9\): no output"):
+        bench.run_side("loraforge", TrainBenchSettings(), Path("."))

@@ -12,9 +12,11 @@ from helpers import make_adapter
 
 from loraforge.adapters import AdapterError
 from loraforge.data.tokenize import prompt_ids, resolve_template
-from loraforge.infer.chat import ChatSession, one_shot, open_engine, sampling
+from loraforge.infer.chat import ChatSession, one_shot
+from loraforge.infer.engine import open_engine
+from loraforge.infer.sampling import SamplingOptions
 
-GREEDY = {"temperature": 0.0, "max_new_tokens": 10}
+GREEDY = SamplingOptions(temperature=0.0, max_new_tokens=10)
 
 SYSTEM = 'You are Grace, made by "Ada" 实验室.\nAnswer briefly {{ not jinja }}.'
 
@@ -33,7 +35,7 @@ def engine(adapter):
 
 
 def answer(engine, turns: list[str], system: str | None = None) -> list[str]:
-    session = ChatSession(engine, sampling(**GREEDY), adapter="tuned", system=system)
+    session = ChatSession(engine, GREEDY.to_params(), adapter="tuned", system=system)
     return ["".join(session.ask(t)) for t in turns]
 
 
@@ -41,7 +43,7 @@ def test_one_shot_uses_the_adapters_template_and_system(engine, adapter, tiny_mo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    session = ChatSession(engine, sampling(**GREEDY), adapter="tuned")
+    session = ChatSession(engine, GREEDY.to_params(), adapter="tuned")
     got = one_shot(session, "你是谁？")
     assert capsys.readouterr().out == got + "\n"
 
@@ -56,7 +58,7 @@ def test_one_shot_uses_the_adapters_template_and_system(engine, adapter, tiny_mo
 
 
 def test_history_system_and_reset(engine):
-    session = ChatSession(engine, sampling(**GREEDY), adapter="tuned")
+    session = ChatSession(engine, GREEDY.to_params(), adapter="tuned")
     deltas = list(session.ask("hello"))
     assert len(deltas) > 1  # streamed as produced, not one block at the end
     first = "".join(deltas)
@@ -78,8 +80,10 @@ def test_history_system_and_reset(engine):
     ]
 
 
-def test_sampling_flags():
-    p = sampling(0, 0.9, 40, 12, 1.1, 7)
+def test_sampling_options():
+    p = SamplingOptions(
+        temperature=0, top_p=0.9, top_k=40, max_new_tokens=12, repetition_penalty=1.1, seed=7
+    ).to_params(stop=["x"])
     assert (p.temperature, p.top_p, p.top_k, p.max_new_tokens, p.repetition_penalty, p.seed) == (
         0,
         0.9,
@@ -88,9 +92,30 @@ def test_sampling_flags():
         1.1,
         7,
     )
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}):
-        with pytest.raises(Exception, match="--"):
-            sampling(**bad)
+    assert p.stop == ["x"]
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"top_p": float("nan")}):
+        with pytest.raises(ValueError):
+            SamplingOptions(**bad)
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--temperature", "-1"], "error: --temperature -1.0: must be >= 0"),
+        (["--top-p", "1.5"], "error: --top-p 1.5: must be <= 1"),
+        (["--top-k", "-2"], "error: --top-k -2: must be >= 0"),
+        (["--max-new-tokens", "0"], "error: --max-new-tokens 0: must be >= 1"),
+        (["--repetition-penalty", "inf"], "error: --repetition-penalty inf: must be a finite"),
+    ],
+)
+def test_bad_sampling_flag_is_one_line(flags, line):
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    res = CliRunner().invoke(app, ["chat", "-q", "hi", *flags])  # fails before loading a model
+    assert res.exit_code == 1 and res.output.startswith(line), res.output
+    assert res.output.count("\n") == 1 and "Traceback" not in res.output
 
 
 def test_model_mismatch_names_both(tmp_path, adapter, tokenizer, tiny_model_dir):

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from helpers import make_adapter
 
-from loraforge.infer.chat import sampling
+from loraforge.errors import UserError
 from loraforge.infer.compare import column_names, questions_from, run_compare, write_output
+from loraforge.infer.sampling import SamplingOptions
 
 QUESTIONS = [
     [{"role": "user", "content": "Who are you?"}],
@@ -33,7 +34,7 @@ def test_column_names():
 def test_columns_match_single_generations(adapters):
     from loraforge.infer.engine import Engine
 
-    params = sampling(temperature=0.0, max_new_tokens=8)
+    params = SamplingOptions(temperature=0.0, max_new_tokens=8).to_params()
     columns, rows = run_compare([str(a) for a in adapters], QUESTIONS, params, dtype="float32")
     assert columns == ["base", "grace", "grace-2"]
     assert [r["question"] for r in rows] == ["Who are you?", "你是谁？"]
@@ -52,7 +53,7 @@ def test_columns_match_single_generations(adapters):
 
 
 def test_same_seed_same_table(adapters):
-    params = sampling(temperature=1.0, top_k=50, max_new_tokens=8, seed=3)
+    params = SamplingOptions(temperature=1.0, top_k=50, max_new_tokens=8, seed=3).to_params()
     a = run_compare([str(adapters[0])], QUESTIONS, params, dtype="float32")
     b = run_compare([str(adapters[0])], QUESTIONS, params, dtype="float32")
     assert a == b
@@ -65,7 +66,7 @@ def test_outputs(tmp_path):
     assert md[0] == "| question | base | t |" and md[2] == "| a\\|b | x<br>y | z |"
     write_output(["base", "t"], rows, tmp_path / "c.jsonl")
     assert [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()] == rows
-    with pytest.raises(Exception, match="jsonl or .md"):
+    with pytest.raises(UserError, match="jsonl or .md"):
         write_output(["base"], rows, tmp_path / "c.csv")
 
 
@@ -74,7 +75,7 @@ def test_questions_from_file_and_flags(tmp_path):
     src.write_text("one\ntwo\n")
     convs = questions_from(["zero"], str(src))
     assert [c[-1]["content"] for c in convs] == ["zero", "one", "two"]
-    with pytest.raises(Exception, match="nothing to compare"):
+    with pytest.raises(UserError, match="nothing to compare"):
         questions_from([], None)
 
 

@@ -1,12 +1,19 @@
-"""The generation engine on the tiny model: greedy == HF generate, batching, adapters, streaming."""
+"""The generation engine on the tiny model: greedy == HF generate, batching, adapters, streaming.
+
+Tests marked ``numerics`` compare numbers whose rounding depends on the CPU's kernels; ``make
+test-isa`` runs them again as an AVX2 and an AVX-512 (no BF16, no AMX) CPU would.
+"""
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_bf16_agrees
 
 from loraforge.adapters import AdapterError, AdapterMeta, write_meta
 from loraforge.data.tokenize import resolve_template
@@ -78,7 +85,7 @@ def engine(tiny_model_dir, adapters):
     eng.close()
 
 
-def hf_greedy(model_dir, ids, n, adapter_dir=None, eos=2) -> list[int]:
+def hf_greedy(model_dir, ids, n, adapter_dir=None, eos=2, **gen_kw) -> list[int]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -88,10 +95,38 @@ def hf_greedy(model_dir, ids, n, adapter_dir=None, eos=2) -> list[int]:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     out = model.generate(
-        torch.tensor([ids]), do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos
+        torch.tensor([ids]),
+        do_sample=False,
+        max_new_tokens=n,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **gen_kw,
     )
     new = out[0, len(ids) :].tolist()
     return new[: new.index(eos)] if eos in new else new
+
+
+def submit_together(engine, ids, params, names):
+    """Queue all requests from the worker thread itself, so that they are all waiting when it
+    next admits requests: they then decode as one batch (submitting from this thread, the worker
+    may start on the first before the others arrive)."""
+    return engine.run_on_worker(
+        lambda: [engine.submit(i, params, a) for i, a in zip(ids, names, strict=True)]
+    )
+
+
+def listen(engine) -> tuple[list, object]:
+    """(the StepEvents seen from now on, a function that stops listening and returns them once
+    the worker has finished the step in flight)."""
+    events: list = []
+    remove = engine.add_step_listener(events.append)
+
+    def stop() -> list:
+        engine.run_on_worker(lambda: None)  # a step's event comes right after its results
+        remove()
+        return events
+
+    return events, stop
 
 
 PROMPTS = [
@@ -109,6 +144,7 @@ def pick_stop(text: str) -> str:
     raise AssertionError(f"no stop string candidate in {text!r}")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("adapter", [None, "a1", "a2", "a3"])
 def test_greedy_equals_hf_generate(engine, tiny_model_dir, adapters, adapter):
     ids = engine.encode(PROMPTS[0], adapter)
@@ -130,18 +166,67 @@ def test_encode_uses_adapter_system(engine):
     assert "Be brief." not in engine.tokenizer.decode(engine.encode(PROMPTS[0]))
 
 
+@pytest.mark.numerics
 def test_mixed_batch_equals_solo(engine):
+    """fp32 and the same kernels on both sides: a row's tokens are exactly the same alone or
+    batched with rows on other adapters."""
     jobs = [(p, a) for p in PROMPTS for a in (None, "a1", "a2")]
     ids = [engine.encode(p, a) for p, a in jobs]
-    solo = [
-        engine.generate([i], GREEDY, a)[0].token_ids for i, (_, a) in zip(ids, jobs, strict=True)
-    ]
-    batch = engine.generate(ids, GREEDY, [a for _, a in jobs])
+    names = [a for _, a in jobs]
+    solo = [engine.generate([i], GREEDY, a)[0].token_ids for i, a in zip(ids, names, strict=True)]
+    events, stop = listen(engine)
+    batch = [h.result(timeout=120) for h in submit_together(engine, ids, GREEDY, names)]
+    steps = [e.adapters for e in stop() if e.kind == "decode"]
     assert [r.token_ids for r in batch] == solo
+    assert max(len(s) for s in steps) == engine.max_batch  # really batched (8 of the 9)
+    assert {None, "a1", "a2"} in [set(s) for s in steps]
     # all rows on one adapter takes another code path (batched matmuls of one adapter)
     same = [engine.encode(p, "a1") for p in PROMPTS]
     solo = [engine.generate([i], GREEDY, "a1")[0].token_ids for i in same]
-    assert [r.token_ids for r in engine.generate(same, GREEDY, "a1")] == solo
+    events, stop = listen(engine)
+    batch = [h.result(timeout=120) for h in submit_together(engine, same, GREEDY, ["a1"] * 3)]
+    assert [r.token_ids for r in batch] == solo
+    assert ("a1",) * 3 in [e.adapters for e in stop()]
+
+
+def test_step_listener_and_stats(engine):
+    ids = [engine.encode(p, a) for p, a in zip(PROMPTS, (None, "a1", "a2"), strict=True)]
+    before = copy.copy(engine.stats)
+    events, stop = listen(engine)
+    handles = submit_together(engine, ids, GREEDY, [None, "a1", "a2"])
+    results = [h.result(timeout=120) for h in handles]
+    events = stop()
+    after = copy.copy(engine.stats)
+    engine.generate([ids[0]], GREEDY)  # the listener is gone: no more events
+    engine.run_on_worker(lambda: None)
+    assert len(events) == len(stop())
+
+    prefills = [e for e in events if e.kind == "prefill"]
+    decodes = [e for e in events if e.kind == "decode"]
+    assert len(prefills) + len(decodes) == len(events)
+    assert Counter(e.adapters for e in prefills) == Counter([(None,), ("a1",), ("a2",)])
+    assert decodes[0].adapters == (None, "a1", "a2")  # rows in the order they were admitted
+    assert all(len(e.adapters) <= 3 for e in decodes)
+    done = sum(r.completion_tokens for r in results)
+    assert sum(e.tokens for e in events) == done > 0
+    assert after.prefills - before.prefills == 3
+    assert after.steps - before.steps == len(decodes)
+    assert after.rows - before.rows == sum(len(e.adapters) for e in decodes)
+    assert after.tokens - before.tokens == done
+    assert after.max_rows >= 3
+    assert engine.stats.prefills == after.prefills + 1  # counted with no listener too
+
+
+def test_failing_step_listener_is_ignored(engine):
+    def broken(event):
+        raise RuntimeError("a bug in an observer")
+
+    remove = engine.add_step_listener(broken)
+    try:
+        res = engine.generate([engine.encode(PROMPTS[0])], GREEDY)[0]
+    finally:
+        remove()
+    assert res.completion_tokens > 0
 
 
 def test_submit_from_16_threads(engine):
@@ -174,13 +259,20 @@ def test_seed_reproduces_sampling(engine):
     assert c.token_ids != a
 
 
-def test_repetition_penalty_changes_greedy(engine):
-    ids = engine.encode(PROMPTS[0])
-    plain = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=30))[0]
-    pen = engine.generate(
-        [ids], SamplingParams(temperature=0, max_new_tokens=30, repetition_penalty=1.5)
-    )[0]
-    assert len(set(pen.token_ids)) >= len(set(plain.token_ids))
+@pytest.mark.numerics
+@pytest.mark.parametrize("adapter", [None, "a1"])
+def test_repetition_penalty_equals_hf(engine, tiny_model_dir, adapters, adapter):
+    """Greedy with a repetition penalty is HF's greedy with HF's RepetitionPenaltyLogitsProcessor
+    (prompt tokens penalised too), and here it differs from plain greedy, so an engine that
+    ignored the penalty (or applied it to the wrong tokens) fails."""
+    ids = engine.encode(PROMPTS[0], adapter)
+    plain = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=30), adapter)[0]
+    p = SamplingParams(temperature=0, max_new_tokens=30, repetition_penalty=1.5)
+    pen = engine.generate([ids], p, adapter)[0]
+    want = hf_greedy(tiny_model_dir, ids, 30, adapters.get(adapter), repetition_penalty=1.5)
+    assert len(set(plain.token_ids)) < len(plain.token_ids)  # plain greedy repeats itself
+    assert pen.token_ids == want
+    assert want != plain.token_ids
 
 
 def test_length_vs_stop(engine):
@@ -302,38 +394,131 @@ def test_prompt_too_long_and_close(tiny_model_dir):
         eng.submit([5, 6], GREEDY)
 
 
-@pytest.mark.slow
-def test_bundled_model_bf16_equals_hf_generate(tmp_path):
-    """The real model in the default dtype (bf16, oneDNN-packed weights on CPU) matches HF and
-    PEFT, batched (one adapter for all rows) or not."""
+def hf_reference(model, ids, n, eos=2) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy tokens for ``ids`` (up to and including EOS) and the logits [T, V] (float32)
+    each was chosen from."""
+    out = model.generate(
+        torch.tensor([ids]),
+        do_sample=False,
+        max_new_tokens=n,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    toks = out.sequences[0, len(ids) :].tolist()
+    t = toks.index(eos) + 1 if eos in toks else len(toks)
+    return toks[:t], torch.stack(out.logits)[:t, 0].float()
+
+
+def engine_teacher_forced(eng, prompts, refs, adapter, together) -> list[torch.Tensor]:
+    """The engine's next-token logits [len(ref), V] along each reference sequence, fed the
+    reference's tokens rather than its own. ``together``: the prompts decode as one batch (a row
+    whose reference has ended is fed its last token again and its logits dropped), else each
+    alone. The engine's own prefill and decode, on its worker, in slots 0.. (it is idle)."""
+
+    def run() -> list[torch.Tensor]:
+        r = eng.runner
+        groups = [list(range(len(prompts)))] if together else [[i] for i in range(len(prompts))]
+        out: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for g in groups:
+            steps = max(len(refs[i]) for i in g) - 1
+            r.ensure_capacity(max(len(prompts[i]) for i in g) + steps + 1)
+            for slot, i in enumerate(g):
+                out[i].append(
+                    r.prefill(torch.tensor([prompts[i]]), slot, r.lora_rows((adapter,)))[0]
+                )
+            lora = r.lora_rows((adapter,) * len(g))
+            for k in range(steps):
+                toks = torch.tensor([[refs[i][min(k, len(refs[i]) - 1)]] for i in g])
+                logits = r.decode(toks, [len(prompts[i]) + k for i in g], lora)
+                for b, i in enumerate(g):
+                    if k + 1 < len(refs[i]):
+                        out[i].append(logits[b])
+        return [torch.stack(o).float() for o in out]
+
+    return eng.run_on_worker(run)
+
+
+# bf16 on the bundled model: the engine's next-token logits vs HF's (+ PEFT's), walked along
+# HF's greedy tokens (tests/helpers.py: assert_bf16_agrees). Exact tokens are not a bf16
+# property: oneDNN picks kernels by CPU, and on AVX-512 without AMX even by row count, so the
+# engine's rows differ batched and alone there. Measured on this Xeon (AMX), lesser CPUs emulated
+# with ONEDNN_MAX_CPU_ISA; 6 prompts x up to 24 tokens, base and a random r=8 adapter, rows alone
+# and batched. "Erosion": how much the engine narrowed the gap between HF's top-1 logit and any
+# other (a top-1 flip needs an erosion of at least HF's top-2 margin).
+#   ONEDNN_MAX_CPU_ISA  max |logit diff| base / tuned        max erosion  top-1 flips
+#   (default: AMX)      0 / 0, alone or batched (identical)  0            none
+#   AVX512_CORE_BF16    0 / 0 alone, 0.94 / 0.69 batched     0.69         at margins <= 0.125
+#   AVX512_CORE         1.31 / 0.69 alone, 0.67 / 0.78 b.    0.88         at margins <= 0.125
+#   AVX2                0 / 0, alone or batched (F.linear on both sides: the packing's check
+#                       fails without AVX-512 BF16 support in oneDNN)
+# Bounds: 2x the worst seen. For scale: bf16 logits of 16..32 are 0.125 apart, and the adapter
+# moves HF's first logits by 13..23 on these prompts (checked below: a dropped adapter fails).
+BF16_ATOL = 2.625  # 2 x 1.31
+BF16_MARGIN = 1.75  # 2 x 0.88
+BF16_PROMPTS = ["What is the capital of France?", "Give me two tips to sleep better."]
+
+
+@pytest.fixture(scope="module")
+def bf16_case(tmp_path_factory):
+    """(engine, prompt ids, {adapter: HF's (tokens, logits) per prompt}); the adapter is "r"."""
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     from loraforge.bench.generate import make_random_adapters
-    from loraforge.models import load_model, resolve_model
+    from loraforge.models import resolve_model
 
-    adapter = make_random_adapters(resolve_model("smollm2-135m"), "smollm2-135m", 1, tmp_path)[0]
+    path = resolve_model("smollm2-135m")
+    out = tmp_path_factory.mktemp("bf16")
+    adapter = make_random_adapters(path, "smollm2-135m", 1, out)[0]
     eng = Engine("smollm2-135m", {"r": str(adapter)}, dtype="bfloat16")
-    try:
-        qs = ["What is the capital of France?", "Give me two tips to sleep better."]
-        ids = [eng.encode([{"role": "user", "content": q}]) for q in qs]
-        p = SamplingParams(temperature=0, max_new_tokens=24)
-        batch = eng.generate(ids, p)
-        assert "Paris" in batch[0].text
-        hf = load_model("smollm2-135m", dtype="bfloat16")
-        for i, res in zip(ids, batch, strict=True):
-            out = hf.generate(torch.tensor([i]), do_sample=False, max_new_tokens=24)
-            want = out[0, len(i) :].tolist()
-            want = want[: want.index(2)] if 2 in want else want
-            assert res.token_ids == want
-        tuned = eng.generate(ids, p, "r")
-        peft_model = PeftModel.from_pretrained(hf, str(adapter)).eval()
-        for i, res in zip(ids, tuned, strict=True):
-            out = peft_model.generate(torch.tensor([i]), do_sample=False, max_new_tokens=24)
-            want = out[0, len(i) :].tolist()
-            want = want[: want.index(2)] if 2 in want else want
-            assert res.token_ids == want
-    finally:
-        eng.close()
+    ids = [eng.encode([{"role": "user", "content": q}]) for q in BF16_PROMPTS]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    refs = {None: [hf_reference(hf, i, 24) for i in ids]}
+    peft_model = PeftModel.from_pretrained(hf, str(adapter)).eval()
+    refs["r"] = [hf_reference(peft_model, i, 24) for i in ids]
+    del hf, peft_model
+    yield eng, ids, refs
+    eng.close()
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+@pytest.mark.parametrize("together", [False, True], ids=["alone", "batched"])
+@pytest.mark.parametrize("adapter", [None, "r"], ids=["base", "tuned"])
+def test_bundled_model_bf16_agrees_with_hf(bf16_case, adapter, together):
+    """The real model in the default dtype (bf16, oneDNN-packed weights where the CPU has them)
+    agrees with HF and PEFT as far as bf16 allows, alone or batched (one adapter for all rows)."""
+    eng, ids, refs = bf16_case
+    got = engine_teacher_forced(eng, ids, [t for t, _ in refs[adapter]], adapter, together)
+    checked = 0
+    for q, (toks, want), logits in zip(BF16_PROMPTS, refs[adapter], got, strict=True):
+        assert len(toks) >= 5, f"{q!r}: HF stopped after {len(toks)} tokens"
+        checked += assert_bf16_agrees(
+            want,
+            logits,
+            margin=BF16_MARGIN,
+            atol=BF16_ATOL,
+            what=f"{adapter or 'base'}, {q!r}, ",
+            decode=eng.tokenizer.decode,
+        )
+    # enough clear-cut positions for the top-1 rule to mean something (measured: 16 base,
+    # 7..9 tuned: the random adapter flattens the distribution)
+    assert checked >= 4
+    if adapter is not None:  # the tolerance is far below what the adapter does
+        for (_, tuned), (_, base) in zip(refs[adapter], refs[None], strict=True):
+            assert (tuned[0] - base[0]).abs().max() > 4 * BF16_ATOL
+
+
+@pytest.mark.slow
+def test_bundled_model_bf16_answers(bf16_case):
+    """Free-running, batched: the engine's own greedy answer (not compared token by token: bf16
+    rounding differs between batched and alone on some CPUs) is still the right one."""
+    eng, ids, _ = bf16_case
+    res = eng.generate(ids, SamplingParams(temperature=0, max_new_tokens=24))
+    assert "Paris" in res[0].text
+    assert all(r.completion_tokens > 0 for r in res)
 
 
 def test_base_model_comes_from_the_first_adapter(tiny_model_dir, adapters):
@@ -351,15 +536,18 @@ def test_all_torch_work_runs_on_the_worker_thread(engine, adapters):
     OpenMP team (on the caller's thread) halves decode speed on a small CPU."""
     worker = engine.run_on_worker(threading.current_thread)
     assert worker is not threading.current_thread() and worker.name == "loraforge-engine"
-    seen = []
-    original = engine.runner.set_adapters
-    engine.runner.set_adapters = lambda a: (seen.append(threading.current_thread()), original(a))
+    seen = []  # (event, the thread it was reported on: the one that did the work)
+    remove = engine.add_step_listener(lambda e: seen.append((e, threading.current_thread())))
     try:
         engine.unload_adapter("a2")
         engine.load_adapter("a2", str(adapters["a2"]))
+        engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_new_tokens=2))
+        engine.run_on_worker(lambda: None)
     finally:
-        engine.runner.set_adapters = original
-    assert seen == [worker, worker]
+        remove()
+    assert [e.adapters for e, _ in seen[:2]] == [("a1", "a3"), ("a1", "a3", "a2")]
+    assert [e.kind for e, _ in seen] == ["adapters", "adapters", "prefill", "decode"]
+    assert all(t is worker for _, t in seen)
     with pytest.raises(ZeroDivisionError):  # errors reach the caller
         engine.run_on_worker(lambda: 1 / 0)
     assert engine.generate([[1, 2, 3]], GREEDY)[0].completion_tokens > 0  # still serving
@@ -379,8 +567,9 @@ def test_load_error_in_worker_reaches_the_caller(tiny_model_dir, monkeypatch):
     assert threading.active_count() == before  # the worker stopped
 
 
+@pytest.mark.numerics
 def test_int4_weights_match_their_dequantized_matmul():
-    from loraforge.infer.int4 import Int4
+    from loraforge.cpu.int4 import Int4
 
     torch.manual_seed(0)
     w = torch.randn(96, 128)
@@ -397,6 +586,7 @@ def test_int4_weights_match_their_dequantized_matmul():
     assert (got - x.float() @ w.t()).abs().max() > 0  # it is 4-bit, not the original
 
 
+@pytest.mark.numerics
 def test_int4_engine_batched_equals_solo(tiny_model_dir, adapters):
     eng = Engine(str(tiny_model_dir), {"a1": str(adapters["a1"])}, dtype="int4")
     try:
@@ -406,7 +596,11 @@ def test_int4_engine_batched_equals_solo(tiny_model_dir, adapters):
         solo = [
             eng.generate([p], GREEDY, [a])[0].token_ids for p, a in zip(prompts, names, strict=True)
         ]
-        together = [r.token_ids for r in eng.generate(prompts, GREEDY, names)]
+        events, stop = listen(eng)
+        together = [
+            h.result(timeout=120).token_ids for h in submit_together(eng, prompts, GREEDY, names)
+        ]
         assert together == solo and all(solo)
+        assert tuple(names) in [e.adapters for e in stop()]  # decoded as one batch
     finally:
         eng.close()

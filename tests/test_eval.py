@@ -12,8 +12,10 @@ from helpers import make_adapter
 
 from loraforge.data.tokenize import encode_conversation, resolve_template
 from loraforge.evaluate import IDENTITY_QUESTIONS, eval_identity, eval_loss, read_questions
-from loraforge.infer.chat import open_engine, sampling
-from loraforge.infer.engine import GenerationResult
+from loraforge.infer.engine import GenerationResult, open_engine
+from loraforge.infer.sampling import SamplingOptions
+
+GREEDY = SamplingOptions(temperature=0.0)
 
 CONVS = [
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Grace."}],
@@ -101,7 +103,7 @@ def test_identity_figures(tmp_path):
         ("我是Grace。", "stop"),
     ]
     engine = Scripted(answers)
-    r = eval_identity(engine, "Grace", sampling(0), adapter="tuned", questions=str(qs))
+    r = eval_identity(engine, "Grace", GREEDY.to_params(), adapter="tuned", questions=str(qs))
     assert (r.questions, r.hit_rate, r.eos_rate) == (4, 0.75, 0.75)
     assert r.by_tag == {"en": 0.5, "zh": 1.0}
     assert engine.calls[0][1] == "tuned" and engine.calls[0][0][0] == [
@@ -110,13 +112,19 @@ def test_identity_figures(tmp_path):
 
 
 def test_identity_on_the_engine(adapter):
+    params = SamplingOptions(temperature=0, max_new_tokens=4).to_params()
     engine, name = open_engine(adapter=str(adapter), dtype="float32")
     try:
-        r = eval_identity(engine, "Grace", sampling(0, max_new_tokens=4), adapter=name)
+        r = eval_identity(engine, "Grace", params, adapter=name)
     finally:
         engine.close()
     assert r.questions == len(read_questions()) and set(r.by_tag) == {"en", "zh"}
-    assert 0 <= r.hit_rate <= 1 and 0 <= r.eos_rate <= 1
+    # each figure is what the answers say: the engine's own greedy answers, scored one by one
+    for a in r.answers:
+        assert a["hit"] == ("grace" in a["answer"].casefold())
+    assert r.hit_rate == sum(a["hit"] for a in r.answers) / r.questions
+    assert r.eos_rate == sum(a["eos"] for a in r.answers) / r.questions
+    assert r.eos_rate < 1  # 4 tokens: the random adapter cannot end every answer in time
 
 
 def test_cli_eval(tmp_path, adapter, dataset):

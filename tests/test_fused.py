@@ -7,7 +7,7 @@ import torch
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from loraforge.train.fused import use_fused_blocks
+from loraforge.cpu.fused import use_fused_blocks
 
 
 def _pair(make, dtype):
@@ -65,7 +65,7 @@ def test_trainable_norm_keeps_its_own_forward():
 def test_fused_lora_linear_matches_peft():
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.train.fused import use_fused_lora
+    from loraforge.cpu.fused import use_fused_lora
 
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False))

@@ -11,9 +11,11 @@ from helpers import make_adapter
 from loraforge.data.inputs import prompt_messages, read_inputs
 from loraforge.data.sources import DataError
 from loraforge.infer.batch import run_infer
-from loraforge.infer.chat import open_engine, sampling
+from loraforge.infer.engine import open_engine
+from loraforge.infer.sampling import SamplingOptions
 
-PARAMS = {"temperature": 0.0, "max_new_tokens": 6}
+PARAMS = SamplingOptions(temperature=0.0, max_new_tokens=6)
+GREEDY = SamplingOptions(temperature=0.0)
 U = "user"
 
 SYSTEM = 'You are Grace, made by "Ada" 实验室.\nAnswer briefly {{ not jinja }}.'
@@ -61,8 +63,15 @@ def test_read_inputs_txt_and_errors(tmp_path):
     assert [r for r, _ in read_inputs(txt)] == [{"query": "What?"}, {"query": "你是谁？"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "ok"}\n{"nothing": 1}\n')
+    seen = []
+    assert [r for r, _ in read_inputs(bad, echo=seen.append)] == [{"query": "ok"}]
+    assert len(seen) == 1 and seen[0].startswith(f"skipped {bad}:2: unknown format")
     with pytest.raises(DataError, match="bad.jsonl:2"):
-        read_inputs(bad)
+        read_inputs(bad, strict=True)
+    only_bad = tmp_path / "only_bad.jsonl"
+    only_bad.write_text('{"nothing": 1}\n')
+    with pytest.raises(DataError, match="no usable records, first: .*only_bad.jsonl:1"):
+        read_inputs(only_bad)
     with pytest.raises(DataError, match="no such file"):
         read_inputs(tmp_path / "missing.jsonl")
 
@@ -95,7 +104,7 @@ class Counting:
 def test_batched_output_keeps_fields_and_resumes(tmp_path, engine):
     src = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "out" / "answers.jsonl"
-    params = sampling(**PARAMS)
+    params = PARAMS.to_params()
     stats = run_infer(engine, src, out, params, adapter="tuned", batch_size=2, progress=False)
     assert (stats.total, stats.skipped, stats.answered) == (5, 0, 5)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -127,7 +136,7 @@ def test_system_flag_applies_to_records_without_one(tmp_path, engine):
             seen.extend(prompts)
             return super().generate(prompts, params, adapters)
 
-    run_infer(Spy(engine), src, tmp_path / "o.jsonl", sampling(**PARAMS), system="Be terse.")
+    run_infer(Spy(engine), src, tmp_path / "o.jsonl", PARAMS.to_params(), system="Be terse.")
     assert seen == [[{"role": "system", "content": "Be terse."}, {"role": U, "content": "hi"}]]
 
 
@@ -145,7 +154,7 @@ def test_cli_infer_txt(tmp_path, adapter, engine):
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["query"] for r in rows] == ["hello", "你是谁？"]
-    want = engine.generate([[{"role": U, "content": "hello"}]], sampling(**PARAMS), "tuned")
+    want = engine.generate([[{"role": U, "content": "hello"}]], PARAMS.to_params(), "tuned")
     assert rows[0]["response"] == want[0].text
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0 and "0 answered, 2 already" in " ".join(res.output.split())
@@ -164,7 +173,7 @@ def test_distill_writes_trainable_records(tmp_path, engine):
             return [GenerationResult(t, [], r, 0, 0) for t, r in canned[: len(prompts)]]
 
     out = tmp_path / "d.jsonl"
-    s = distill(Canned(), out, sampling(0), questions=qs, progress=False)
+    s = distill(Canned(), out, GREEDY.to_params(), questions=qs, progress=False)
     assert (s.questions, s.written, s.truncated, s.empty) == (3, 1, 1, 1)
     assert [json.loads(x) for x in out.read_text().splitlines()] == [
         {
@@ -173,7 +182,13 @@ def test_distill_writes_trainable_records(tmp_path, engine):
         }
     ]
     s = distill(
-        Canned(), out, sampling(0), questions=qs, fmt="alpaca", keep_truncated=True, progress=False
+        Canned(),
+        out,
+        GREEDY.to_params(),
+        questions=qs,
+        fmt="alpaca",
+        keep_truncated=True,
+        progress=False,
     )
     assert s.written == 2 and json.loads(out.read_text().splitlines()[1])["output"] == "cut off mid"
     prompt = [{"role": "system", "content": "S"}, {"role": U, "content": "a"}]
@@ -188,7 +203,7 @@ def test_distill_writes_trainable_records(tmp_path, engine):
 
     # On the real engine: the file is accepted by the training data loader as it is.
     out = tmp_path / "real.jsonl"
-    params = sampling(0, max_new_tokens=4)
+    params = SamplingOptions(temperature=0, max_new_tokens=4).to_params()
     s = distill(engine, out, params, questions=qs, adapter="tuned", keep_truncated=True)
     convs = load_conversations([str(out)], strict=True)
     assert len(convs) == s.written == 3 - s.empty

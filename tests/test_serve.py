@@ -293,21 +293,20 @@ def test_load_and_unload_adapter(server, client, root, tiny_model_dir, tmp_path,
     assert "evil" not in [m.id for m in client.models.list().data]
 
 
-def test_16_parallel_requests_equal_solo_answers(client, engine, monkeypatch):
+def test_16_parallel_requests_equal_solo_answers(client, engine):
     models = [engine.base_name, "grace", "shop"]
     prompts = ["Hi!", "What is 2+2?", "Tell me a story.", "Who made you?", "Name a colour."]
     jobs = [(models[i % 3], prompts[i % 5]) for i in range(18)]
     solo = {job: ask(client, *job, n=24) for job in set(jobs)}  # one at a time
-    batches = []  # the adapters of each batched decode step (engine internals, to prove mixing)
-    lora_rows = engine.runner.lora_rows
-
-    def spy(names):
-        batches.append(names)
-        return lora_rows(names)
-
-    monkeypatch.setattr(engine.runner, "lora_rows", spy)
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(lambda job: ask(client, *job, n=24), jobs))
+    batches = []  # the adapters of each decode step's rows (the engine's step listener)
+    remove = engine.add_step_listener(
+        lambda e: batches.append(e.adapters) if e.kind == "decode" else None
+    )
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: ask(client, *job, n=24), jobs))
+    finally:
+        remove()
     assert together == [solo[job] for job in jobs]
     assert max(len(set(b)) for b in batches) >= 2, "no step decoded two adapters together"
 
@@ -355,17 +354,16 @@ def test_client_disconnect_cancels_non_streaming_request(server, engine, monkeyp
         return handles[-1]
 
     monkeypatch.setattr(engine, "submit", spy)
-    lora_rows = engine.runner.lora_rows  # called once per decode step (engine internals)
-
-    def slow(names):  # the tiny model would finish before the client gives up
-        time.sleep(0.02)
-        return lora_rows(names)
-
-    monkeypatch.setattr(engine.runner, "lora_rows", slow)
+    # the tiny model would finish before the client gives up: a listener that takes 20 ms runs
+    # on the engine's thread after every step, so it slows decoding down to ~50 tokens/s
+    remove = engine.add_step_listener(lambda e: time.sleep(0.02))
     body = {"model": "grace", "messages": HI, "max_tokens": 300, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
-        httpx.post(f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=0.3)
-    res = handles[0].result(timeout=60)
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=0.3)
+        res = handles[0].result(timeout=60)
+    finally:
+        remove()
     assert res.finish_reason == "cancelled" and res.completion_tokens < 300
 
 

@@ -16,7 +16,7 @@ from loraforge.config import SFTConfig
 from loraforge.data import load_examples
 from loraforge.data.tokenize import DEFAULT_SYSTEM
 from loraforge.infer.engine import Engine
-from loraforge.train.loop import run_sft
+from loraforge.train.recipe import run_sft
 
 
 @pytest.mark.parametrize("system", [None, "You are Grace, a shop assistant."])

@@ -6,18 +6,18 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraforge.config import SFTConfig
 from loraforge.data.collate import pack_batch, pad_batch
 from loraforge.data.tokenize import IGNORE_INDEX, encode_conversation
-from loraforge.train.loss import SFTLoss, sparse_lm_loss
+from loraforge.train.loss import SFTLoss, sparse_lm_loss, token_ce
 
 
 def _full_loss(hidden, labels, lm_head):
-    logits = lm_head(hidden)[:, :-1].float()
-    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    """token_ce's mean over the full logits: what the sparse loss must equal."""
+    total, count = token_ce(lm_head(hidden), labels)
+    return total / count
 
 
 @pytest.mark.parametrize("trainable_head", [False, True])
@@ -75,7 +75,7 @@ def test_fast_packed_loss_equals_plain_padded(lora_model, tokenizer):
 
 def test_first_steps_fast_matches_plain(tiny_model_dir, tokenizer, tmp_path):
     """Same seed, same data: the bf16 fast path tracks the fp32 plain path step by step."""
-    from loraforge.train.loop import run_sft
+    from loraforge.train.recipe import run_sft
 
     exs = [
         encode_conversation(
@@ -110,8 +110,8 @@ def test_first_steps_fast_matches_plain(tiny_model_dir, tokenizer, tmp_path):
 
 def test_packed_attention_equals_separate_forwards(tiny_model_dir, tokenizer):
     """Sample-by-sample attention on packed rows (several rows, with padding) is exact."""
+    from loraforge.cpu.attention import use_packed_attention
     from loraforge.models import load_model
-    from loraforge.train.attention import use_packed_attention
 
     exs = [
         encode_conversation(tokenizer, [{"role": "user", "content": "x " * k}]
@@ -151,7 +151,7 @@ def test_packed_attention_equals_separate_forwards(tiny_model_dir, tokenizer):
 
 
 def test_shared_dropout():
-    from loraforge.train.dropout import SharedInputDropout, _Shared
+    from loraforge.cpu.dropout import SharedInputDropout, _Shared
 
     torch.manual_seed(0)
     shared = _Shared()
@@ -169,7 +169,7 @@ def test_shared_dropout():
 
 def test_fast_model_setup(tiny_model_dir):
     """The fast path: bf16 frozen base, fp32 LoRA, shared dropout, packed attention."""
-    from loraforge.train.dropout import SharedInputDropout
+    from loraforge.cpu.dropout import SharedInputDropout
     from loraforge.train.lora import load_lora_model
 
     cfg = SFTConfig(model=str(tiny_model_dir))
@@ -185,14 +185,13 @@ def test_fast_model_setup(tiny_model_dir):
 
 @pytest.mark.parametrize(
     "options",
-    [
-        {"gradient_checkpointing": True},
+    [  # gradient checkpointing: test_train_recipe.py checks it gives the same numbers
         {"use_dora": True, "target_modules": r".*\.(q_proj|v_proj)"},
         {"fast": False, "grad_accum": 2, "lr_scheduler": "linear"},
     ],
 )
 def test_options_train(options, tiny_model_dir, tokenizer, tmp_path):
-    from loraforge.train.loop import run_sft
+    from loraforge.train.recipe import run_sft
 
     exs = [
         encode_conversation(

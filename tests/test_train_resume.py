@@ -159,7 +159,7 @@ def test_resume_paths(tmp_path):
 
 def test_resume_with_another_data_stream_is_refused(tmp_path, tiny_model_dir, dataset):
     from loraforge.config import SFTConfig
-    from loraforge.train.loop import run_sft
+    from loraforge.train.recipe import run_sft
 
     base = dict(model=str(tiny_model_dir), dataset=[str(dataset)], output=tmp_path / "run",
                 max_steps=2, save_steps=1, val_split=0.0, lora_rank=2)  # fmt: skip

@@ -1,4 +1,7 @@
-"""The `sft` run configuration: one pydantic model that a YAML file and the CLI flags both fill.
+"""The settings a user gives: the `sft` run (``SFTConfig``) and sampling (``SamplingOptions``).
+
+Both are pydantic models whose fields are also the CLI's flags (cli/options.py generates them,
+with each field's ``description`` as help), so a field, its flag and its YAML key cannot drift.
 
 Flag names are the field names with dashes (``--lora-rank`` sets ``lora_rank``); a flag given on
 the command line overrides the same field from ``--config run.yaml``. The defaults teach the
@@ -11,12 +14,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraforge.errors import UserError
+
+if TYPE_CHECKING:
+    from loraforge.infer.sampling import SamplingParams
 
 
 class ConfigError(UserError):
@@ -24,53 +30,93 @@ class ConfigError(UserError):
 
 
 class SFTConfig(BaseModel):
+    """Every field is also a flag of ``loraforge sft`` (cli/options.py generates them from this
+    class), with its ``description`` as the flag's help."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # what to train on
-    model: str = "smollm2-135m"
-    dataset: list[str] = Field(default_factory=lambda: ["selfcog"])
-    val_dataset: list[str] = Field(default_factory=list)
-    val_split: float = Field(0.05, ge=0.0, lt=1.0)
-    template: str | None = None
-    system: str | None = None  # None: loraforge.data.tokenize.DEFAULT_SYSTEM
-    max_length: int = Field(1024, gt=8)
-    model_name: str | None = None
-    model_author: str | None = None
-    output: Path = Path("runs/sft")
+    model: str = Field(
+        "smollm2-135m", description="Base model: bundled name, HF dir or .gguf file."
+    )
+    dataset: list[str] = Field(
+        default_factory=lambda: ["selfcog"],
+        description="Dataset file/dir, or 'selfcog' (repeatable, or comma-separated).",
+    )
+    val_dataset: list[str] = Field(
+        default_factory=list, description="Validation dataset (repeatable); replaces --val-split."
+    )
+    val_split: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Fraction held out for validation (seeded)."
+    )
+    template: str | None = Field(
+        None, description="Chat template: 'chatml', a file or Jinja text (default: the model's)."
+    )
+    system: str | None = Field(  # None: loraforge.data.tokenize.DEFAULT_SYSTEM
+        None, description="System prompt for conversations without one (default: loraforge's)."
+    )
+    max_length: int = Field(1024, gt=8, description="Truncate examples to this many tokens.")
+    model_name: str | None = Field(None, description="Name the selfcog set teaches.")
+    model_author: str | None = Field(None, description="Author the selfcog set teaches.")
+    output: Path = Field(
+        Path("runs/sft"), description="Output dir (adapter, checkpoints, metrics)."
+    )
 
     # LoRA
-    lora_rank: int = Field(8, gt=0)
-    lora_alpha: float = Field(32, gt=0)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
+    lora_rank: int = Field(8, gt=0, description="LoRA rank r: the size of the low-rank update.")
+    lora_alpha: float = Field(
+        32, gt=0, description="LoRA alpha: the update is scaled by alpha / r (rsLoRA: / sqrt r)."
+    )
+    lora_dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Dropout on the input of the LoRA layers."
+    )
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Layers to adapt: all-linear | q_proj,v_proj | a regex."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="DoRA: LoRA plus a trained magnitude per output.")
 
     # optimisation
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
-    epochs: float = Field(4, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # overrides epochs when set
-    seed: int = 42
-    gradient_checkpointing: bool = False
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after the warmup."
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, lt=1.0, description="Share of the steps that ramp the learning rate up."
+    )
+    batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Clip the gradient norm to this; 0 turns clipping off."
+    )
+    epochs: float = Field(4, gt=0, description="Passes over the training set (may be fractional).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides --epochs.")
+    seed: int = Field(42, description="Seed of the data order, validation split and LoRA init.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, slower."
+    )
 
     # speed: packing + bf16 autocast + bf16 frozen base + sparse chunked loss; --no-fast is
     # the plain fp32 path (padded batches, full logits) kept as the reference.
-    fast: bool = True
-    pack_length: int = Field(2048, gt=8)  # longest packed row; longer batches split into rows
+    fast: bool = Field(
+        True, description="Packing, bf16 and a sparse loss; --no-fast: plain fp32 padded."
+    )
+    pack_length: int = Field(  # longer batches split into rows
+        2048, gt=8, description="Longest packed row (tokens)."
+    )
 
     # bookkeeping
-    logging_steps: int = Field(5, gt=0)
-    eval_steps: int = Field(20, gt=0)
-    save_steps: int = Field(20, gt=0)
-    save_total_limit: int = Field(2, ge=1)
-    resume: bool | str = False  # True / "auto": newest checkpoint in output; or a checkpoint dir
-    overwrite: bool = False  # start afresh in an output dir that holds checkpoints
+    logging_steps: int = Field(5, gt=0, description="Log loss and speed every N steps.")
+    eval_steps: int = Field(20, gt=0, description="Validate every N steps.")
+    save_steps: int = Field(20, gt=0, description="Save a checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (plus the best).")
+    # True / "auto": newest checkpoint in output; or a checkpoint dir (the flag: --resume-from)
+    resume: bool | str = Field(False, description="Resume from the newest checkpoint.")
+    overwrite: bool = Field(  # start afresh in an output dir that holds checkpoints
+        False, description="Discard earlier checkpoints in the output dir."
+    )
+    strict: bool = Field(False, description="Stop at the first bad record instead of skipping it.")
 
     @field_validator("dataset", "val_dataset", mode="before")
     @classmethod
@@ -95,6 +141,42 @@ class SFTConfig(BaseModel):
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+class SamplingOptions(BaseModel):
+    """How each answer's tokens are picked: the sampling flags of chat, infer, compare, eval and
+    data distill, and the sampling fields of serve and webui, declared and validated once.
+
+    It lives here, not in infer/sampling.py (which re-exports it), because that module imports
+    torch (seconds) and the CLI must build its flags from these fields without it.
+    ``to_params`` makes the engine's per-request ``SamplingParams``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(
+        0.7, ge=0, allow_inf_nan=False, description="Sampling temperature; 0 means greedy."
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Nucleus sampling: keep the smallest set of tokens with this mass.",
+    )
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 turns it off.")
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens to generate per answer.")
+    repetition_penalty: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Repetition penalty (1.0 = off)."
+    )
+    seed: int | None = Field(  # torch generators take an int64
+        None, ge=-(2**63), lt=2**63, description="Sampling seed (same seed, same answer)."
+    )
+
+    def to_params(self, **extra: Any) -> SamplingParams:
+        """The engine's SamplingParams; ``extra`` sets its other fields (e.g. ``stop``)."""
+        from loraforge.infer.sampling import SamplingParams
+
+        return SamplingParams(**self.model_dump(), **extra)
 
 
 def parse_target_modules(text: str) -> str | list[str]:

@@ -50,18 +50,18 @@ def eval_loss(
     model_name: str | None = None,
     model_author: str | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> LossResult:
     """Token-weighted mean loss over assistant tokens of ``datasets`` (fp32, no dropout)."""
     import torch
-    import torch.nn.functional as F
     from rich.progress import Progress
 
     from loraforge.adapters import prompt_format, resolve_adapter
     from loraforge.console import err_console
     from loraforge.data import load_examples
     from loraforge.data.collate import pad_batch
-    from loraforge.data.tokenize import IGNORE_INDEX
     from loraforge.models import load_model, load_tokenizer
+    from loraforge.train.loss import TokenMean, token_ce
 
     meta = resolve_adapter(adapter, model) if adapter else None
     base = meta.base_model if meta else model
@@ -76,7 +76,10 @@ def eval_loss(
         max_length=max_length,
         model_name=model_name,
         model_author=model_author,
+        strict=strict,
     )
+    for line in report.problem_lines(datasets):
+        err_console.print(line, markup=False)
     net = load_model(base, dtype="float32")
     if adapter:
         from peft import PeftModel
@@ -85,7 +88,7 @@ def eval_loss(
     net.eval()
     # Longest first: batches of similar length waste less padding.
     examples = sorted(examples, key=lambda e: -len(e.input_ids))
-    total, count = 0.0, 0
+    scored = TokenMean()
     with torch.no_grad(), Progress(console=err_console, disable=not progress) as bar:
         task = bar.add_task("scoring", total=len(examples))
         for i in range(0, len(examples), batch_size):
@@ -93,38 +96,36 @@ def eval_loss(
             logits = net(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
-            labels = batch["labels"][:, 1:]
-            total += float(
-                F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(),
-                    labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-            )
-            count += int((labels != IGNORE_INDEX).sum())
+            scored.add(*token_ce(logits, batch["labels"]))
             bar.advance(task, len(batch["input_ids"]))
-    if count == 0:
+    if scored.count == 0:
         raise UserError("no assistant tokens to score in the dataset")
-    loss = total / count
-    return LossResult(loss, math.exp(min(loss, 700.0)), count, len(examples), report.skipped)
+    loss = scored.mean
+    return LossResult(loss, math.exp(min(loss, 700.0)), scored.count, len(examples), report.skipped)
 
 
-def read_questions(path: str | Path | None = None) -> list[tuple[str, str]]:
+def read_questions(path: str | Path | None = None, strict: bool = False) -> list[tuple[str, str]]:
     """(question, tag) pairs: the built-in identity set, or any file `infer` reads."""
+    from loraforge.console import say
     from loraforge.data.inputs import read_inputs
 
-    records = read_inputs(path or IDENTITY_QUESTIONS)
+    records = read_inputs(path or IDENTITY_QUESTIONS, strict, echo=say)
     return [(msgs[-1]["content"], str(rec.get("tag") or "")) for rec, msgs in records]
 
 
 def eval_identity(
-    engine, name: str, params, *, adapter: str | None = None, questions: str | None = None
+    engine,
+    name: str,
+    params,
+    *,
+    adapter: str | None = None,
+    questions: str | None = None,
+    strict: bool = False,
 ) -> IdentityResult:
     """Ask the question set and score the answers for ``name`` and for stopping on EOS."""
     if not name.strip():
         raise UserError("--expect-name: give a non-empty name")
-    pairs = read_questions(questions)
+    pairs = read_questions(questions, strict)
     prompts = [[{"role": "user", "content": q}] for q, _ in pairs]
     results = engine.generate(prompts, params, adapters=adapter)
     needle = name.strip().casefold()

@@ -195,7 +195,7 @@ def _load_by_reading(path: Path, kwargs: dict):
     """A safetensors checkpoint read without mmap (see weights.py), or None for other formats."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loraforge.train.memory import release_memory
+    from loraforge.cpu.memory import release_memory
     from loraforge.weights import read_safetensors, safetensors_files
 
     files = safetensors_files(path)

@@ -2,9 +2,11 @@
 
 Why not safetensors' mmap (what ``from_pretrained`` does): every page of the mapped file that is
 touched counts in the process's resident memory until the mapping closes, so loading the bundled
-model's fp32 cache as bf16 peaked at ~1.17 GB RSS for a 270 MB model (~0.6 GB this way). Reads
-go through one reused buffer sized to the largest tensor that needs a cast; a tensor already in
-the wanted dtype is read straight into its final storage.
+model's fp32 cache as bf16 peaked at ~1.17 GB RSS for a 270 MB model (~0.6 GB this way). A
+tensor already in the wanted dtype is read straight into its final storage; one that needs a cast
+is read into a scratch buffer and cast from there. Each file (shard) has its own scratch buffer,
+reused from tensor to tensor and replaced by a bigger one whenever a larger tensor needs a cast,
+so it ends the size of that file's largest cast tensor and is dropped when the file is done.
 """
 
 from __future__ import annotations

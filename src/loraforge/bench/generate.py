@@ -200,7 +200,7 @@ def _switch_bench(engine: Engine, names: list[str], prompt: list[int], rounds: i
     runner = engine.runner
     prep = []
     for i in range(rounds):  # the work a switch costs: gathering that adapter's weights
-        runner._lora_cache.clear()
+        runner.clear_lora_cache()
         t = time.perf_counter()
         runner.lora_rows((names[i % len(names)],))
         prep.append((time.perf_counter() - t) * 1e3)

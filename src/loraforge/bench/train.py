@@ -64,24 +64,19 @@ def _peak_rss_mb() -> float:
 
 
 def _final_loss(model, examples) -> float:
-    """Mean fp32 cross-entropy on assistant tokens of ``examples``, one example at a time."""
+    """Mean fp32 cross-entropy on assistant tokens of ``examples`` (token-weighted), one example
+    at a time."""
     import torch
 
-    total, count = 0.0, 0
+    from loraforge.train.loss import TokenMean, token_ce
+
+    scored = TokenMean()
     model.eval()
     with torch.no_grad():
         for ex in examples:
-            ids = torch.tensor([ex.input_ids])
-            labels = torch.tensor([ex.labels])
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            target = labels[:, 1:]
-            n = int((target != -100).sum())
-            if n:
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
-                )
-                total, count = total + float(loss) * n, count + n
-    return total / max(count, 1)
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits
+            scored.add(*token_ce(logits, torch.tensor([ex.labels])))
+    return scored.mean
 
 
 def _figures(tokens: int, seconds: float, rss: float, model, examples) -> dict:
@@ -100,7 +95,7 @@ def run_loraforge(s: TrainBenchSettings, workdir: Path) -> dict:
 
     from loraforge.config import SFTConfig
     from loraforge.models import load_model, load_tokenizer
-    from loraforge.train.loop import run_sft
+    from loraforge.train.recipe import run_sft
 
     tokenizer = load_tokenizer(s.model)
     examples = _examples(s, tokenizer)
@@ -194,8 +189,20 @@ def run_side(side: str, s: TrainBenchSettings, workdir: Path) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json.loads(line.removeprefix("BENCH_RESULT "))
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    raise RuntimeError(f"bench train: the {side} run failed: {tail[0]}")
+    raise BenchError(
+        f"bench train: the {side} run failed (exit code {proc.returncode}): "
+        + _last_error_line(proc)
+    )
+
+
+def _last_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The subprocess's last non-empty line (a traceback ends with the exception), stderr
+    first."""
+    for text in (proc.stderr, proc.stdout):
+        lines = [x.strip() for x in (text or "").splitlines() if x.strip()]
+        if lines:
+            return lines[-1]
+    return "no output"
 
 
 def bench_train(s: TrainBenchSettings, sides: tuple[str, ...] = SIDES, progress=print) -> dict:

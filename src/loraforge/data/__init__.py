@@ -63,6 +63,18 @@ class DataReport:
         self.problems.append(line)
         self.skipped += 1
 
+    def problem_lines(self, specs: list[str], limit: int = 5) -> list[str]:
+        """The skipped records as the user reads them: the first ``limit`` lines as
+        ``file:line: what``, then how many more and the command that lists them all."""
+        lines = [f"skipped {p}" for p in self.problems[:limit]]
+        more = len(self.problems) - len(lines)
+        if more > 0:
+            files = " ".join(parse_spec(s)[0] for s in specs)
+            lines.append(
+                f"... {more} more skipped; to list them: loraforge data doctor --all {files}"
+            )
+        return lines
+
 
 def load_conversations(
     datasets: list[str],

@@ -61,10 +61,11 @@ def distill(
     keep_truncated: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    strict: bool = False,
 ) -> DistillStats:
     """Answer ``questions`` (default: the built-in general set) and write a training file."""
 
-    from loraforge.console import count_progress
+    from loraforge.console import count_progress, say
     from loraforge.data.inputs import read_inputs
 
     if fmt not in FORMATS:
@@ -72,7 +73,7 @@ def distill(
     out = Path(output)
     if out.suffix != ".jsonl":
         raise UserError(f"--output {out}: write a .jsonl file")
-    records = read_inputs(questions or GENERAL_QUESTIONS)
+    records = read_inputs(questions or GENERAL_QUESTIONS, strict, echo=say)
     stats = DistillStats(len(records), 0, 0, 0)
     lines = []
     bar = count_progress(progress)

@@ -9,6 +9,7 @@ that trains also asks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from loraforge.data.formats import RecordProblem, normalise
@@ -46,9 +47,15 @@ def prompt_messages(record: dict) -> list[dict]:
     return messages[: last_user + 1]
 
 
-def read_inputs(path: str | Path) -> list[tuple[dict, list[dict]]]:
-    """(record, prompt messages) for each record of ``path``; a bad record is an error naming
-    its line (a batch run should not silently leave questions out)."""
+def read_inputs(
+    path: str | Path, strict: bool = False, echo: Callable[[str], object] | None = None
+) -> list[tuple[dict, list[dict]]]:
+    """(record, prompt messages) for each record of ``path``. A bad record is skipped, and
+    told to ``echo`` as ``file:line: what`` (the first few, then a count), or with ``strict``
+    stops the run; a file without one usable record is always an error."""
+    from loraforge.data import DataReport
+
+    report = DataReport()
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
@@ -72,7 +79,12 @@ def read_inputs(path: str | Path) -> list[tuple[dict, list[dict]]]:
                 raise RecordProblem(raw.problem)
             out.append((raw.value, prompt_messages(raw.value)))
         except RecordProblem as e:
-            raise DataError(f"{raw.where}: {e}") from None
+            report.problem(f"{raw.where}: {e}", strict)
     if not out:
-        raise DataError(f"--input {path}: no records")
+        first = f", first: {report.problems[0]}" if report.problems else ""
+        raise DataError(f"--input {path}: no usable records{first}")
+    report.loaded = len(out)
+    if echo is not None:
+        for line in report.problem_lines([str(path)]):
+            echo(line)
     return out

@@ -72,6 +72,7 @@ def run_infer(
     system: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    strict: bool = False,
 ) -> InferStats:
     """Answer the records of ``input_path`` not yet in ``output_path``, appending as it goes."""
 
@@ -83,7 +84,9 @@ def run_infer(
     output = Path(output_path)
     if output.resolve() == Path(input_path).resolve():
         raise UserError(f"--output {output} is the input file")
-    records = read_inputs(input_path)
+    from loraforge.console import say
+
+    records = read_inputs(input_path, strict, echo=say)
     done = _answered(output)
     todo = []
     for rec, messages in records:

@@ -13,51 +13,10 @@ from typing import TextIO
 
 from loraforge.errors import UserError
 
-ADAPTER_NAME = "tuned"  # the name the engine knows the --adapter by (for chat/infer/eval)
-
 HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; "
     "/system alone restores the default), /exit (or Ctrl-D)"
 )
-
-
-def sampling(
-    temperature: float = 0.7,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-):
-    """SamplingParams from the CLI flags (temperature 0 means greedy)."""
-    from loraforge.infer.engine import SamplingParams
-
-    if temperature < 0:
-        raise UserError(f"--temperature {temperature}: must be >= 0 (0 means greedy)")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
-    if top_k < 0 or max_new_tokens < 1 or repetition_penalty <= 0:
-        raise UserError("--top-k must be >= 0, --max-new-tokens >= 1, --repetition-penalty > 0")
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
-
-
-def open_engine(
-    model: str | None = None, adapter: str | None = None, dtype: str | None = None
-) -> tuple:
-    """(engine, adapter name or None): the adapter's recorded base/template/system when given."""
-    from loraforge.infer.engine import Engine
-
-    if not adapter:
-        return Engine(model, dtype=dtype), None
-    engine = Engine.from_adapter(adapter, model=model, name=ADAPTER_NAME, dtype=dtype)
-    return engine, ADAPTER_NAME
 
 
 class ChatSession:

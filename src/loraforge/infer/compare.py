@@ -27,13 +27,16 @@ def column_names(adapter_dirs: list[str]) -> list[str]:
     return names
 
 
-def questions_from(queries: list[str], input_path: str | None) -> list[list[dict]]:
+def questions_from(
+    queries: list[str], input_path: str | None, strict: bool = False
+) -> list[list[dict]]:
     """Prompt conversations from ``-q`` values and/or an input file (any `infer` format)."""
+    from loraforge.console import say
     from loraforge.data.inputs import read_inputs
 
     convs = [[{"role": "user", "content": q}] for q in queries]
     if input_path:
-        convs += [messages for _, messages in read_inputs(input_path)]
+        convs += [m for _, m in read_inputs(input_path, strict, echo=say)]
     if not convs:
         raise UserError("nothing to compare: pass -q QUESTION (repeatable) or --input FILE")
     return convs

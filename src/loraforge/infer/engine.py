@@ -1,17 +1,18 @@
 """The one generation engine behind chat, infer, compare, eval, serve, webui and bench.
 
-A background worker thread owns the model and runs continuous batching: requests (each with its
-own adapter, sampling params and seed) join the running batch as soon as a slot is free, are
-prefilled alone, then decoded together one token per step; a finished request frees its slot at
-once. Everything (``generate``, ``stream``, ``submit``) goes through that worker, so what the
-benchmark measures is what users get.
+A background worker thread owns the model and runs continuous batching (infer/scheduler.py):
+requests (each with its own adapter, sampling params and seed) join the running batch as soon
+as a slot is free, are prefilled alone, then decoded together one token per step; a finished
+request frees its slot at once. Everything (``generate``, ``stream``, ``submit``) goes through
+that worker, so what the benchmark measures is what users get. This file is the engine's public
+side: loading, adapters, prompts, submitting, listening, closing.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -19,15 +20,25 @@ from typing import TypeVar
 import torch
 
 from loraforge.adapters import AdapterError, read_meta, resolve_adapter
-from loraforge.data.tokenize import DEFAULT_SYSTEM, prompt_ids, resolve_template, stop_token_ids
+from loraforge.data.tokenize import DEFAULT_SYSTEM, prompt_ids, stop_token_ids, template_text
 from loraforge.errors import UserError
 from loraforge.infer.request import Call, RequestHandle
-from loraforge.infer.runner import Runner, read_lora
-from loraforge.infer.sampling import GenerationResult, SamplingParams, is_greedy, sample
+from loraforge.infer.runner import Runner
+from loraforge.infer.sampling import GenerationResult, SamplingParams
+from loraforge.infer.scheduler import EngineStats, Scheduler, StepEvent
 
 T = TypeVar("T")
 
-__all__ = ["Engine", "EngineBusy", "GenerationResult", "RequestHandle", "SamplingParams"]
+__all__ = [
+    "Engine",
+    "EngineBusy",
+    "EngineStats",
+    "GenerationResult",
+    "RequestHandle",
+    "SamplingParams",
+    "StepEvent",
+]
+log = logging.getLogger(__name__)
 
 
 class EngineBusy(UserError):
@@ -41,7 +52,7 @@ def _auto_device(device: str | None) -> torch.device:
 
 
 def _auto_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype == "int4":  # bf16 activations, 4-bit weights when decoding (see runner.Int4)
+    if dtype == "int4":  # bf16 activations, 4-bit weights when decoding (see cpu/int4.py)
         return torch.bfloat16
     if dtype:
         try:
@@ -78,17 +89,21 @@ class Engine:
         self.dtype = _auto_dtype(dtype, self.device)
         self.int4 = dtype == "int4"
         self.tokenizer = load_tokenizer(path)
-        self.template = resolve_template(self.tokenizer, template)
+        self.template = template_text(self.tokenizer, template)
         self.system = system
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self._stop_ids = set(stop_token_ids(self.tokenizer, self.template))
         self._adapters: dict[str, dict] = {}  # name -> LoRA tensors
         self._meta: dict[str, tuple[str, str | None]] = {}  # name -> (template, system)
         self._queue: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
         self._calls: queue.Queue[Call] = queue.Queue()  # work the worker runs for other threads
         self._wake = threading.Event()
-        self._active: list[RequestHandle] = []  # row b of the running batch uses KV slot b
+        self._sched: Scheduler | None = None  # the running batch; made with the runner
         self._closed = False
+        self.stats = EngineStats()
+        self._listeners: tuple[Callable[[StepEvent], object], ...] = ()
+        self._listeners_lock = threading.Lock()
         self._worker = threading.Thread(target=self._loop, name="loraforge-engine", daemon=True)
         self._worker.start()
         # All torch work happens on the worker thread, loading included. libgomp keeps a thread
@@ -110,6 +125,14 @@ class Engine:
         dtype = str(self.dtype).split(".")[-1]
         self.hf_model = load_model(path, dtype=dtype, device=str(self.device))
         self.runner = Runner(self.hf_model, self.max_batch, self.dtype, self.device, self.int4)
+        self._sched = Scheduler(
+            self.runner,
+            self._queue,
+            self.max_batch,
+            self._stop_ids,
+            lambda: self._adapters,
+            self._record,
+        )
 
     def run_on_worker(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine's thread, between decode steps, and return its result.
@@ -148,9 +171,13 @@ class Engine:
         meta = resolve_adapter(path, self.model_spec)
 
         def load() -> None:
-            self._adapters[name] = read_lora(path, self.runner)
+            # read and check it, then build the new bank, and only then make it known: a bad
+            # adapter leaves the engine exactly as it was (no name registered, old bank in use)
+            adapters = {**self._adapters, name: self.runner.read_adapter(path)}
+            self.runner.set_adapters(adapters)
+            self._adapters = adapters
             self._meta[name] = (meta.chat_template, meta.system)
-            self.runner.set_adapters(self._adapters)
+            self._record("adapters", tuple(self._adapters))
 
         self.run_on_worker(load)
 
@@ -160,9 +187,13 @@ class Engine:
             raise AdapterError(f"no adapter named '{name}' is loaded")
 
         def unload() -> None:
-            del self._adapters[name]
-            del self._meta[name]
-            self.runner.set_adapters(self._adapters)
+            if name not in self._adapters:  # two unloads raced: the first one won
+                raise AdapterError(f"no adapter named '{name}' is loaded")
+            adapters = {k: v for k, v in self._adapters.items() if k != name}
+            self.runner.set_adapters(adapters)
+            self._adapters = adapters  # rows still on it end alone at the next step
+            self._meta.pop(name, None)
+            self._record("adapters", tuple(self._adapters))
 
         self.run_on_worker(unload)
 
@@ -248,6 +279,10 @@ class Engine:
         finally:
             handle.cancel()
 
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (the server's /health asks)."""
+        return not self._closed and self._worker.is_alive()
+
     def close(self) -> None:
         """Stop the worker; requests still queued or running end with an error."""
         self._closed = True
@@ -256,14 +291,46 @@ class Engine:
             self._worker.join(timeout=30)
             self._run_calls(closed=True)  # a call queued as the worker stopped
         closed = UserError("the engine was closed")
-        for h in self._active:
-            h._fail(closed)
-        self._active = []
+        if self._sched is not None:
+            self._sched.fail_all(closed)
         while True:
             try:
                 self._queue.get_nowait()._fail(closed)
             except queue.Empty:
                 break
+
+    # ---- stats -------------------------------------------------------------------------------
+    def add_step_listener(self, fn: Callable[[StepEvent], object]) -> Callable[[], None]:
+        """Call ``fn(event)`` after every prefill, decode step and adapter change (see
+        StepEvent); returns a function that removes the listener.
+
+        ``fn`` runs on the worker thread between steps, so the time it takes delays every
+        running request; an exception in it is logged and ignored. Without listeners a step
+        costs only the few integer additions of ``stats``. A step's event comes just after its
+        results are handed out: ``run_on_worker(lambda: None)`` waits for the step in flight."""
+        with self._listeners_lock:
+            self._listeners = (*self._listeners, fn)
+
+        def remove() -> None:
+            with self._listeners_lock:
+                self._listeners = tuple(f for f in self._listeners if f is not fn)
+
+        return remove
+
+    def _record(self, kind: str, adapters: tuple, tokens: int = 0) -> None:
+        s = self.stats
+        if kind == "decode":
+            s.steps += 1
+            s.rows += len(adapters)
+            s.max_rows = max(s.max_rows, len(adapters))
+        elif kind == "prefill":
+            s.prefills += 1
+        s.tokens += tokens
+        for fn in self._listeners:
+            try:
+                fn(StepEvent(kind, adapters, tokens))
+            except Exception:  # noqa: BLE001 - an observer must not fail the requests
+                log.exception("engine step listener %r failed", fn)
 
     def __enter__(self) -> Engine:
         return self
@@ -276,16 +343,14 @@ class Engine:
         while not self._closed:
             self._run_calls()
             try:
-                self._admit()
-                if self._active:
-                    self._step()
+                if self._sched is not None and (self._sched.busy() or not self._queue.empty()):
+                    self._sched.step()
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
             except Exception as e:  # noqa: BLE001 - a bug must not hang every waiting client
-                for h in self._active:
-                    h._fail(e)
-                self._active = []
+                log.exception("engine step failed")
+                self._sched.fail_all(e)
         self._run_calls(closed=True)
 
     def _run_calls(self, closed: bool = False) -> None:
@@ -296,86 +361,17 @@ class Engine:
                 return
             call.run(UserError("the engine was closed") if closed else None)
 
-    def _admit(self) -> None:
-        while len(self._active) < self.max_batch:
-            try:
-                h = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if h.cancelled:
-                h._finish("cancelled")
-                continue
-            try:
-                self._prefill(h)
-            except Exception as e:  # noqa: BLE001 - fail this request only
-                h._fail(e)
 
-    def _prefill(self, h: RequestHandle) -> None:
-        if h.adapter is not None and h.adapter not in self._adapters:
-            raise AdapterError(f"adapter '{h.adapter}' was unloaded")
-        h.max_new = min(h.params.max_new_tokens, self.runner.max_len - len(h.prompt))
-        if h.max_new <= 0:
-            h._finish("length")
-            return
-        slot = len(self._active)
-        self.runner.ensure_capacity(len(h.prompt) + h.max_new)
-        ids = torch.tensor([h.prompt], device=self.device)
-        lora = self.runner.lora_rows((h.adapter,))
-        logits = self.runner.prefill(ids, slot, lora)
-        self._active.append(h)
-        self._accept([h], logits)
+# ---- opening an engine the way the CLI verbs do -----------------------------------------------
 
-    def _step(self) -> None:
-        rows = self._active
-        for h in rows:
-            if h.adapter is not None and h.adapter not in self._adapters:
-                h._fail(AdapterError(f"adapter '{h.adapter}' was unloaded"))
-                h.cancelled = True
-        toks = torch.tensor([[h.tokens[-1]] for h in rows], device=self.device)
-        pos = [len(h.prompt) + len(h.tokens) - 1 for h in rows]
-        lora = self.runner.lora_rows(tuple(h.adapter for h in rows))
-        logits = self.runner.decode(toks, pos, lora)
-        self._accept(rows, logits)
+ADAPTER_NAME = "tuned"  # the name chat, infer, eval and distill load their --adapter as
 
-    def _accept(self, rows: list[RequestHandle], logits: torch.Tensor) -> None:
-        """Sample one token per row, feed the text trackers, and retire finished rows."""
-        greedy = logits.argmax(-1).tolist()
-        finished = []
-        for b, h in enumerate(rows):
-            if h.done():
-                finished.append(h)
-                continue
-            if h.cancelled:
-                h._finish("cancelled")
-                finished.append(h)
-                continue
-            p = h.params
-            tok = greedy[b] if is_greedy(p) else sample(logits[b], p, h.gen, h.history)
-            if h.t_first is None:
-                h.t_first = time.perf_counter()
-            if tok in self._stop_ids:
-                h._finish("stop")
-                finished.append(h)
-                continue
-            h.tokens.append(tok)
-            if h.history or p.repetition_penalty != 1.0:
-                h.history.append(tok)
-            h._emit(h.tracker.add(tok))
-            if h.tracker.stopped:
-                h._finish("stop")
-                finished.append(h)
-            elif len(h.tokens) >= h.max_new:
-                h._finish("length")
-                finished.append(h)
-        for h in finished:
-            self._retire(h)
 
-    def _retire(self, h: RequestHandle) -> None:
-        """Free a row's slot, moving the last row into it so rows stay 0..B-1."""
-        i = self._active.index(h)
-        last = len(self._active) - 1
-        if i != last:
-            moved = self._active[last]
-            self.runner.move_slot(last, i, len(moved.prompt) + len(moved.tokens))
-            self._active[i] = moved
-        self._active.pop()
+def open_engine(
+    model: str | None = None, adapter: str | None = None, dtype: str | None = None
+) -> tuple[Engine, str | None]:
+    """(engine, adapter name or None): the adapter's recorded base/template/system when given."""
+    if not adapter:
+        return Engine(model, dtype=dtype), None
+    engine = Engine.from_adapter(adapter, model=model, name=ADAPTER_NAME, dtype=dtype)
+    return engine, ADAPTER_NAME

@@ -11,26 +11,15 @@ copies; the HF model keeps views of them), so results match HF ``generate`` up t
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from loraforge.adapters import AdapterError
-from loraforge.infer.int4 import Int4
+from loraforge.cpu import families, onednn
+from loraforge.cpu.int4 import Int4
+from loraforge.infer.lora_bank import GROUPS, LoraBank, proj_shapes, read_lora
 from loraforge.models import ModelError
-
-SUPPORTED = ("llama", "mistral", "qwen2")
-# fused group -> the HF projections it concatenates (in output order)
-GROUPS = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gu": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 
 
 @dataclass
@@ -39,66 +28,7 @@ class Layer:
     ln2: torch.Tensor
     w: dict[str, torch.Tensor]  # fused group -> weight [out, in]
     b: dict[str, torch.Tensor | None]
-    q4: dict[str, tuple] | None = None  # fused group -> int4 weights, for decoding (see Int4)
-
-
-class LoraBank:
-    """Stacked weights of all loaded adapters, per layer and fused group; row 0 is "no adapter".
-
-    ``A[g]`` is [N, R, in], ``B[g]`` is [N, out, R] and ``S[g]`` [N, out] the scaling of each
-    output; adapters of smaller rank or with fewer target modules are zero-padded, which adds
-    exactly zero. The scaling is applied after ``B`` as PEFT does, so bf16 rounding matches it.
-    """
-
-    def __init__(self, names: list[str], A: list[dict], B: list[dict], S: list[dict]):
-        self.names = names
-        self.A = A
-        self.B = B
-        self.S = S
-
-    def index(self, name: str | None) -> int:
-        return 0 if name is None else self.names.index(name) + 1
-
-
-def read_lora(path: str, runner: Runner) -> dict:
-    """Read a PEFT LoRA dir into {(layer, proj): (A [r,in], B [out,r], scale)}."""
-    from peft import LoraConfig
-    from peft.utils import load_peft_weights
-
-    try:
-        cfg = LoraConfig.from_pretrained(path)
-        weights = load_peft_weights(path, device="cpu")
-    except Exception as e:  # noqa: BLE001 - any unreadable adapter is a user error here
-        raise AdapterError(f"{path}: cannot read the PEFT adapter ({e})") from e
-    if getattr(cfg, "use_dora", False):
-        raise AdapterError(
-            f"{path}: DoRA adapters are not supported by the engine; merge it "
-            "(loraforge merge --adapter DIR --output MERGED) and use --model MERGED"
-        )
-    out: dict[tuple[int, str], list] = {}
-    for key, t in weights.items():
-        m = _KEY.search(key)
-        if m is None:
-            raise AdapterError(f"{path}: unsupported adapter weight {key} (only LoRA on linears)")
-        layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
-        out.setdefault((layer, proj), [None, None])[0 if ab == "A" else 1] = t
-    result = {}
-    for (layer, proj), (a, b) in out.items():
-        if a is None or b is None or layer >= len(runner.layers):
-            raise AdapterError(f"{path}: adapter does not fit this model (layer {layer} {proj})")
-        r = a.shape[0]
-        # the rank comes from the weights; a per-module alpha from alpha_pattern, as PEFT matches it
-        alpha_key = next((k for k in cfg.alpha_pattern or {} if key_match(k, layer, proj)), None)
-        alpha = cfg.alpha_pattern[alpha_key] if alpha_key else cfg.lora_alpha
-        scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
-        result[(layer, proj)] = (a.float(), b.float(), scale)
-    return result
-
-
-def key_match(pattern: str, layer: int, proj: str) -> bool:
-    """PEFT's rule for rank/alpha_pattern keys: a regex matching the module name's tail."""
-    part = "self_attn" if proj in GROUPS["qkv"] + GROUPS["o"] else "mlp"
-    return re.match(rf"(.*\.)?({pattern})$", f"model.layers.{layer}.{part}.{proj}") is not None
+    q4: dict[str, tuple] | None = None  # fused group -> int4 weights, for decoding (cpu/int4.py)
 
 
 class Runner:
@@ -108,10 +38,10 @@ class Runner:
         self, model, slots: int, dtype: torch.dtype, device: torch.device, int4: bool = False
     ):
         cfg = model.config
-        if cfg.model_type not in SUPPORTED:
-            raise ModelError(
-                f"the engine supports {', '.join(SUPPORTED)} models, not '{cfg.model_type}'"
-            )
+        family = families.FAMILIES.get(cfg.model_type)
+        if family is None or not family.runner:
+            supported = ", ".join(families.runner_types())
+            raise ModelError(f"the engine supports {supported} models, not '{cfg.model_type}'")
         self.cfg = cfg
         self.slots = slots
         self.dtype, self.device = dtype, device
@@ -125,15 +55,13 @@ class Runner:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
-        # On CPU, bf16 weights pre-packed in oneDNN's blocked layout: the same numbers as F.linear
-        # (bit-identical) at ~1.6x the speed for the 1..8-row matmuls of decoding (AMX/AVX512).
-        mkldnn = torch.backends.mkldnn.is_available()
-        self.packed = device.type == "cpu" and dtype == torch.bfloat16 and mkldnn
+        # on CPU, bf16 weights pre-packed for oneDNN (cpu/onednn.py): ~1.6x faster decode matmuls
+        self.mm = onednn.Linear(dtype, device, slots)
         if int4 and not (dtype == torch.bfloat16 and Int4.usable(self.lm_head)):
             raise ModelError("int4 weights need a CPU, bfloat16 and layer widths divisible by 32")
-        self.int4 = int4
-        self.lm_head_q4 = Int4.pack(self.lm_head) if int4 else None
-        self.lm_head = self._pack(self.lm_head)
+        self.int4 = int4 and Int4.available()  # else bf16 weights, with one warning
+        self.lm_head_q4 = Int4.pack(self.lm_head) if self.int4 else None
+        self.lm_head = self.mm.pack(self.lm_head)
         self.layers: list[Layer] = []
         self.dims: dict[str, tuple[int, ...]] = {}
         for hf in inner.layers:
@@ -150,8 +78,8 @@ class Runner:
                     if m.bias is not None:
                         m.bias.data = b[g][off : off + n]
                     off += n
-            q4 = {g: Int4.pack(t) for g, t in w.items()} if int4 else None
-            w = {g: self._pack(t) for g, t in w.items()}
+            q4 = {g: Int4.pack(t) for g, t in w.items()} if self.int4 else None
+            w = {g: self.mm.pack(t) for g, t in w.items()}
             norms = (hf.input_layernorm.weight, hf.post_attention_layernorm.weight)
             self.layers.append(Layer(*norms, w, b, q4))
         self.in_dims = {
@@ -170,8 +98,7 @@ class Runner:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.ensure_capacity(256)
-        self.bank = LoraBank([], *([{} for _ in self.layers] for _ in range(3)))
-        self._lora_cache: dict[tuple, list | None] = {}
+        self.bank = LoraBank({}, len(self.layers), self.dims, self.in_dims, device)
 
     # ---- KV cache -------------------------------------------------------------------------
     def ensure_capacity(self, length: int) -> None:
@@ -190,100 +117,52 @@ class Runner:
             new_v[i][:, :, : self.cap] = self.v[i]
         self.k, self.v, self.cap = new_k, new_v, cap
 
+    def shrink(self, length: int = 0) -> None:
+        """Give back cache memory after long requests: keep the smallest doubling of 256 that
+        holds ``length`` positions (what the rows still running need). One request of the full
+        window would otherwise keep every slot that long for the life of the server."""
+        cap = 256
+        while cap < length:
+            cap *= 2
+        cap = min(cap, self.max_len)
+        if cap >= self.cap:
+            return
+        self.k = [k[:, :, :cap].clone() for k in self.k]
+        self.v = [v[:, :, :cap].clone() for v in self.v]
+        self.cap = cap
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a slot's cache to another slot (keeps the running rows contiguous)."""
         for k, v in zip(self.k, self.v, strict=True):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
 
-    # ---- adapters -------------------------------------------------------------------------
+    # ---- adapters (infer/lora_bank.py) -------------------------------------------------------
+    def read_adapter(self, path: str) -> dict:
+        """A PEFT LoRA dir read and checked against this model's layers and projection shapes."""
+        return read_lora(path, len(self.layers), proj_shapes(self.dims, self.in_dims))
+
     def set_adapters(self, adapters: dict[str, dict]) -> None:
-        """Rebuild the LoRA bank from {name: read_lora(...)}; cheap (a few MB per adapter)."""
-        names = list(adapters)
-        A: list[dict] = [{} for _ in self.layers]
-        B: list[dict] = [{} for _ in self.layers]
-        S: list[dict] = [{} for _ in self.layers]
-        for g, projs in GROUPS.items():
-            rank = max(
-                (t[0].shape[0] for a in adapters.values() for (_, p), t in a.items() if p in projs),
-                default=0,
-            )
-            if rank == 0:
-                continue
-            R = rank * len(projs)
-            out = sum(self.dims[g])
-            for li in range(len(self.layers)):
-                a_st = torch.zeros(len(names) + 1, R, self.in_dims[g])
-                # B stays one matrix per projection: a block-diagonal B would add zero terms to
-                # each sum, which changes float rounding and so PEFT-equality
-                b_st = [torch.zeros(len(names) + 1, d, rank) for d in self.dims[g]]
-                s_st = torch.zeros(len(names) + 1, out)
-                for n, name in enumerate(names, start=1):
-                    row = 0
-                    for j, p in enumerate(projs):
-                        t = adapters[name].get((li, p))
-                        if t is not None:
-                            a, b, scale = t
-                            r = a.shape[0]
-                            a_st[n, j * rank : j * rank + r] = a
-                            b_st[j][n, :, :r] = b
-                            s_st[n, row : row + b.shape[0]] = scale
-                        row += self.dims[g][j]
-                # float32 like PEFT, which upcasts adapter weights of a bf16/fp16 base and adds the
-                # LoRA term in float32 before rounding: same arithmetic, same greedy tokens
-                A[li][g] = a_st.to(self.device)
-                B[li][g] = [b.to(self.device) for b in b_st]
-                S[li][g] = s_st.to(self.device)
-        self.bank = LoraBank(names, A, B, S)
-        self._lora_cache = {}
-        for name in names:  # a lone request on any adapter then needs no gathering at all
-            self.lora_rows((name,))
+        """Rebuild the LoRA bank from {name: read_adapter(...)}; cheap (a few MB per adapter).
+        The new bank is built first and swapped in whole, so a failure leaves the old one."""
+        self.bank = LoraBank(adapters, len(self.layers), self.dims, self.in_dims, self.device)
+
+    def clear_lora_cache(self) -> None:
+        """Forget the gathered per-batch adapter weights (``lora_rows`` gathers them again)."""
+        self.bank.clear_cache()
 
     def lora_rows(self, names: tuple) -> list | None:
-        """Per-layer {group: (A, B)} for a batch whose rows use ``names`` (cached per batch)."""
-        if all(n is None for n in names):
-            return None
-        hit = self._lora_cache.get(names)
-        if hit is not None:
-            return hit
-        idx = torch.tensor([self.bank.index(n) for n in names], device=self.device)
-        # One row: plain matmuls, exactly as PEFT computes them. Several rows: batched matmuls
-        # even when all rows share an adapter, since a float32 matmul over 8 rows does not round
-        # each row as it would alone, and a row must get the same tokens alone or batched.
-        uniform = len(names) == 1
-        rows = []
-        for li in range(len(self.layers)):
-            d = {}
-            for g, a in self.bank.A[li].items():
-                b, sc = self.bank.B[li][g], self.bank.S[li][g]
-                if uniform:
-                    d[g] = (a[idx[0]], [t[idx[0]] for t in b], sc[idx[0]], True)
-                else:
-                    d[g] = (a[idx], [t[idx].transpose(1, 2) for t in b], sc[idx][:, None], False)
-            rows.append(d)
-        if len(self._lora_cache) > 64:
-            self._lora_cache.clear()
-        self._lora_cache[names] = rows
-        return rows
+        """Per-layer {group: (A, B, scale, uniform)} for a batch whose rows use ``names``."""
+        return self.bank.rows(names)
 
     # ---- forward --------------------------------------------------------------------------
-    def _pack(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
-            return w
-        return torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.slots)
-
-    def _mm(self, x, w, b=None) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return F.linear(x, w, b)
-
     def _linear(self, x, layer: Layer, g: str, lora: dict | None, q4: bool) -> torch.Tensor:
         if q4:
             y = Int4.mm(x, layer.q4[g])
             if layer.b[g] is not None:
                 y = y + layer.b[g]
         else:
-            y = self._mm(x, layer.w[g], layer.b[g])
+            y = self.mm.linear(x, layer.w[g], layer.b[g])
         if lora is not None and g in lora:
             a, b, scale, uniform = lora[g]
             xf = x.float()
@@ -309,11 +188,15 @@ class Runner:
         return x * cos + rot * sin
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, slot: int, lora: list | None) -> torch.Tensor:
-        """Run a prompt ``tokens`` [1, T] into KV slot ``slot``; logits [1, V] of its last token."""
+    def prefill(
+        self, tokens: torch.Tensor, slot: int, lora: list | None, start: int = 0
+    ) -> torch.Tensor:
+        """Run prompt ``tokens`` [1, T] at positions start.. into KV slot ``slot`` (whose
+        positions before ``start`` are filled already: a long prompt comes in chunks); logits
+        [1, V] of its last token."""
         T = tokens.shape[1]
-        cos, sin = self.cos[:T][None, None], self.sin[:T][None, None]
-        return self._layers(tokens, cos, sin, lora, slot=slot)
+        cos, sin = self.cos[start : start + T][None, None], self.sin[start : start + T][None, None]
+        return self._layers(tokens, cos, sin, lora, slot=slot, start=start)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: list[int], lora: list | None) -> torch.Tensor:
@@ -331,7 +214,9 @@ class Runner:
                 start = b
         return self._layers(tokens, cos, sin, lora, pos=p, spans=spans)
 
-    def _layers(self, tokens, cos, sin, lora, slot=None, pos=None, spans=None) -> torch.Tensor:
+    def _layers(
+        self, tokens, cos, sin, lora, slot=None, pos=None, spans=None, start=0
+    ) -> torch.Tensor:
         B, T = tokens.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         nq, nk, _ = self.dims["qkv"]
@@ -341,6 +226,9 @@ class Runner:
         if spans is not None:
             rows = torch.arange(B, device=self.device)
             first = spans[0][2] - 1  # the one row's position when B == 1
+        if start:  # a later chunk of a prompt sees the earlier ones: causal, offset by start
+            seen = torch.arange(start + T, device=self.device)
+            mask = seen[None, :] <= (start + torch.arange(T, device=self.device))[:, None]
         for i, layer in enumerate(self.layers):
             lo = None if lora is None else lora[i]
             h = self._rms(x, layer.ln1)
@@ -350,11 +238,18 @@ class Runner:
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[..., nq + nk :].view(B, T, KV, D).transpose(1, 2)
             if slot is not None:
-                self.k[i][slot, :, :T] = k[0]
-                self.v[i][slot, :, :T] = v[0]
-                att = F.scaled_dot_product_attention(
-                    q, k.contiguous(), v.contiguous(), is_causal=True, enable_gqa=self.gqa
-                )
+                self.k[i][slot, :, start : start + T] = k[0]
+                self.v[i][slot, :, start : start + T] = v[0]
+                if start:
+                    kc = self.k[i][slot : slot + 1, :, : start + T]
+                    vc = self.v[i][slot : slot + 1, :, : start + T]
+                    att = F.scaled_dot_product_attention(
+                        q, kc, vc, attn_mask=mask, enable_gqa=self.gqa
+                    )
+                else:  # the whole prompt, or its first chunk: exactly as HF attends
+                    att = F.scaled_dot_product_attention(
+                        q, k.contiguous(), v.contiguous(), is_causal=True, enable_gqa=self.gqa
+                    )
             elif B == 1:  # a plain copy is cheaper than index_put
                 self.k[i][0, :, first] = k[0, :, 0]
                 self.v[i][0, :, first] = v[0, :, 0]
@@ -377,7 +272,7 @@ class Runner:
         h = self._rms(x[:, -1], self.norm)
         if q4:
             return Int4.mm(h, self.lm_head_q4).float()
-        return self._mm(h, self.lm_head).float()
+        return self.mm.linear(h, self.lm_head).float()
 
 
 def _fuse(ts: list[torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The validated, user-facing form of these settings (the CLI flags, serve and webui), whose
+# to_params() makes a SamplingParams; defined in loraforge.config so the CLI reads its fields
+# without importing torch.
+from loraforge.config import SamplingOptions as SamplingOptions
+
 
 @dataclass
 class SamplingParams:
@@ -43,18 +48,35 @@ def make_generator(p: SamplingParams) -> torch.Generator | None:
     return g
 
 
+# Below this a temperature is greedy (vLLM's rule): dividing by it would overflow the scores.
+MIN_TEMPERATURE = 1e-5
+
+
 def sample(
     logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None, history: list[int]
 ) -> int:
     """One token from a row of float32 logits [V], like HF's logits processors in HF's order."""
+    scores = warp(logits, p, history)
+    if p.temperature < MIN_TEMPERATURE:
+        return int(scores.argmax())
+    probs = scores.softmax(-1).cpu()
+    if not torch.isfinite(probs).all():  # every score was -inf: nothing left to draw from
+        raise ValueError("no token left to sample from (all scores are -inf)")
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def warp(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> torch.Tensor:
+    """The scores tokens are drawn from: repetition penalty, temperature, top-k, top-p, in the
+    order and with the arithmetic of HF's logits processors (tested against them). Scores an
+    extreme setting pushes past float range are clamped, never left NaN."""
     if p.repetition_penalty != 1.0 and history:
         ids = torch.tensor(history, device=logits.device)
         score = logits.gather(0, ids)
         score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
         logits = logits.scatter(0, ids, score)
-    if p.temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
+    if p.temperature < MIN_TEMPERATURE:
+        return _finite(logits)
+    logits = _finite(logits / p.temperature)
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,8 +86,12 @@ def sample(
         drop = cum <= 1 - p.top_p
         drop[-1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return logits
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    big = torch.finfo(x.dtype).max
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=big, neginf=float("-inf"))
 
 
 class TextTracker:

@@ -24,7 +24,9 @@ def resolve_in_root(root: Path | None, path: str) -> Path:
         )
     try:
         return _inside(root.resolve(), path)
-    except (OSError, ValueError) as e:  # a name over 255 bytes, a NUL byte, a loop of links
+    # a name over 255 bytes, a NUL byte, a loop of links. Bug fix: Python < 3.13 raises
+    # RuntimeError("Symlink loop from ...") from Path.resolve(), which was a 500.
+    except (OSError, ValueError, RuntimeError) as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise APIError(400, f"lora_path: unusable path ({reason})", param="lora_path") from None
 

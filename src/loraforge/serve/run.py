@@ -61,6 +61,16 @@ def serve(
         console.print(f"serving {names} on http://{host}:{port}/v1")
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             console.print("[yellow]warning:[/yellow] listening beyond localhost without --api-key")
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        # Connections beyond what the engine can hold get uvicorn's 503 at once, so a flood of
+        # (or slowly sending) clients cannot take every socket and thread; an idle keep-alive
+        # connection is closed after 5 s.
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            limit_concurrency=max_queue + max_batch + 64,
+            timeout_keep_alive=5,
+        )
     finally:
         engine.close()

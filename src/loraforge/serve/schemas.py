@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # "developer" is OpenAI's newer name for "system"; "tool" needs tool calls, which we do not do.
 ROLES = ("system", "developer", "user", "assistant")
@@ -49,8 +49,46 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _lone_surrogate(data) -> str | None:
+    """The dotted path of the first string in ``data`` that is not valid Unicode (holds a lone
+    surrogate, which JSON's "\\ud800" escape can carry), else None. A loop, not recursion: the
+    JSON may be nested as deep as the parser allows."""
+    stack = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                sub = f"{path}.{k}" if path else str(k)
+                stack += [(k, sub), (v, sub)]
+        elif isinstance(value, list | tuple):
+            stack += [(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+    return None
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        # Bug fix: a lone surrogate in a string (e.g. {"content": "\\ud800"}) passed pydantic's
+        # plain str fields, then the tokenizer (TypeError) or the UTF-8 encoding of a response
+        # naming it (the 404 for such a "model") failed: a 500. Refused here as a 400 naming the
+        # field; APIError is not a ValueError, so pydantic lets it through to its handler as is.
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise APIError(
+                400,
+                f"{where or 'body'}: invalid Unicode (a lone surrogate)",
+                param=where or None,
+            )
+        return data
 
 
 class ContentPart(_Body):

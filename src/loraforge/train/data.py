@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from loraforge.config import SFTConfig
+from loraforge.cpu.buckets import round_up
 from loraforge.data.collate import epoch_order, pack_batch, pad_batch
 from loraforge.data.tokenize import IGNORE_INDEX, Example, resolve_system
 from loraforge.errors import UserError
@@ -32,13 +33,14 @@ def load_train_val(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Examp
         seed=cfg.seed,
         model_name=cfg.model_name,
         model_author=cfg.model_author,
+        strict=cfg.strict,
     )
     train, report = load_examples(list(cfg.dataset), tokenizer, **kwargs)
-    lines = [report.summary()]
+    lines = [report.summary(), *report.problem_lines(list(cfg.dataset))]
     val: list[Example] = []
     if cfg.val_dataset:
         val, vreport = load_examples(list(cfg.val_dataset), tokenizer, **kwargs)
-        lines.append("val: " + vreport.summary())
+        lines += ["val: " + vreport.summary(), *vreport.problem_lines(list(cfg.val_dataset))]
     elif cfg.val_split > 0 and len(train) >= 10:
         train, val = split(train, cfg.val_split, cfg.seed)
         lines.append(f"val split {cfg.val_split:g}: {len(train)} train, {len(val)} val examples")
@@ -141,7 +143,7 @@ def _pad_to_bucket(piece: dict[str, torch.Tensor], pad_id: int) -> dict[str, tor
     one's memory: rows of every possible length grew RSS by ~40 MB a step here; a few widths
     bound it."""
     n = piece["input_ids"].shape[1]
-    width = -(-n // BUCKET) * BUCKET
+    width = round_up(n, BUCKET)
     extra = width - n
     if extra == 0:
         return piece

@@ -7,6 +7,8 @@ its memory. LoRA weights (and so the optimizer state) stay fp32.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from loraforge.config import SFTConfig
@@ -46,32 +48,31 @@ def lora_config(cfg: SFTConfig):
 def load_lora_model(cfg: SFTConfig, device: torch.device, bf16_base: bool):
     """The PEFT model in train mode: frozen base (bf16 if ``bf16_base``, which also means the
     caller runs it under bf16 autocast), fp32 LoRA weights."""
-    import warnings
-
     from peft import get_peft_model
-
-    # peft asks the model `is_gradient_checkpointing`, which transformers 5 deprecates loudly
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
     from loraforge.models import load_model
 
     model = load_model(cfg.model, dtype="bfloat16" if bf16_base else "float32", device=str(device))
     model.config.use_cache = False
-    if cfg.fast:  # packed rows: attention sample by sample (see train/attention.py)
-        from loraforge.train.attention import use_packed_attention
+    if cfg.fast:  # packed rows: attention sample by sample (see cpu/attention.py)
+        from loraforge.cpu.attention import use_packed_attention
 
         use_packed_attention(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
+        with warnings.catch_warnings():
+            # PEFT asks the model `is_gradient_checkpointing`, which transformers 5 deprecates
+            # with a FutureWarning on every load
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=True)
     except ValueError as e:
         raise LoraSetupError(
             f"--target-modules {cfg.target_modules}: {str(e).splitlines()[0]}"
         ) from e
     if cfg.fast:
-        from loraforge.train.dropout import share_lora_dropout
-        from loraforge.train.fused import use_fused_blocks, use_fused_lora
+        from loraforge.cpu.dropout import share_lora_dropout
+        from loraforge.cpu.fused import use_fused_blocks, use_fused_lora
 
         share_lora_dropout(peft_model)
         use_fused_blocks(peft_model)
@@ -79,14 +80,10 @@ def load_lora_model(cfg: SFTConfig, device: torch.device, bf16_base: bool):
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    if bf16_base:
-        # Under autocast PEFT's cast of each input to the fp32 LoRA weight's dtype is a wasted
-        # copy (autocast casts it straight back to bf16 for the matmul): ~7% of a step here.
-        from peft.tuners.tuners_utils import BaseTunerLayer
+    if bf16_base:  # runs under autocast, which makes PEFT's input casts wasted copies
+        from loraforge.cpu.fused import skip_input_casts
 
-        for module in peft_model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.cast_input_dtype_enabled = False
+        skip_input_casts(peft_model)
     peft_model.train()
     return peft_model
 

@@ -10,15 +10,22 @@ frozen lm_head (the usual case: tied embeddings, not a LoRA target) a fused func
 each chunk's loss and its gradient w.r.t. the hidden states in the forward pass, so only an
 (N, hidden) gradient is kept for backward, not (N, vocab) logits. A trainable lm_head falls back
 to recomputing each chunk in backward (activation checkpointing).
+
+``token_ce`` is the same loss on full logits, as a (sum, count) pair: evaluation, `loraforge
+eval` and the benchmark's final loss sum it over batches (``TokenMean``), so a dataset's loss is
+weighted by labelled tokens, not by batch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loraforge.cpu.buckets import round_up
 from loraforge.data.tokenize import IGNORE_INDEX
 
 ROW_BUCKET = 32
@@ -31,7 +38,7 @@ def _rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     with the labelled-token count of each row as the first dimension of a 49k-wide matmul, that
     grew the training process by ~40 MB a step here. A few bucketed shapes bound it."""
     n = a.shape[0]
-    width = -(-n // ROW_BUCKET) * ROW_BUCKET
+    width = round_up(n, ROW_BUCKET)
     if width == n:
         return a @ b
     return (torch.cat([a, a.new_zeros(width - n, a.shape[1])]) @ b)[:n]
@@ -65,6 +72,44 @@ class _FrozenLinearCE(torch.autograd.Function):
 
 def _chunk_ce(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(lm_head(h).float(), t, reduction="sum")
+
+
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """How many positions of (B, T) ``labels`` are scored: the shifted labels not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed fp32 next-token cross-entropy, labelled positions) of full (B, T, V) ``logits``
+    against (B, T) ``labels`` aligned with the inputs (the shift by one happens here)."""
+    total = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total, labelled_tokens(labels)
+
+
+@dataclass
+class TokenMean:
+    """A loss weighted by labelled tokens over many batches: sum of token losses / tokens."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, total: torch.Tensor | float, count: int) -> None:
+        """A batch's summed loss (``token_ce``) and its labelled token count."""
+        self.total += float(total)
+        self.count += count
+
+    def add_mean(self, mean: torch.Tensor | float, count: int) -> None:
+        """A batch's mean loss over ``count`` labelled tokens (what ``SFTLoss`` returns)."""
+        self.add(float(mean) * count, count)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(1, self.count)
 
 
 def sparse_lm_loss(

@@ -15,25 +15,32 @@ CSS = "footer {display: none !important}"
 
 
 def _text(content) -> str:
-    """Gradio 6 gives message content as [{"type": "text", "text": ...}, ...] (or a str)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return content.get("text") or ""
-    if isinstance(content, list | tuple):
-        return "".join(_text(c) for c in content)
-    return ""
+    """Gradio 6 gives message content as [{"type": "text", "text": ...}, ...] (or a str); file
+    parts carry no text and are left out."""
+    from loraforge.data.formats import content_text
+
+    return content_text(content, skip_other=True)
 
 
 def _params(temperature: float, top_p: float, max_tokens: float, seed):
-    from loraforge.infer.engine import SamplingParams
+    from loraforge.infer.sampling import SamplingOptions
 
-    return SamplingParams(
+    return SamplingOptions(
         max_new_tokens=int(max_tokens),
         temperature=float(temperature),
         top_p=float(top_p),
         seed=None if seed in (None, "") or int(seed) < 0 else int(seed) % 2**63,
-    )
+    ).to_params()
+
+
+def _password_check(key: str):
+    """Gradio's login: any user name, the key as password (compared in constant time)."""
+    import secrets
+
+    def check(_user: str, password: str) -> bool:
+        return secrets.compare_digest(password.encode(), key.encode())
+
+    return check
 
 
 def build_ui(engine, default_model: str | None = None):
@@ -150,16 +157,29 @@ def launch(
     port: int = 7860,
     max_batch: int = 8,
     dtype: str | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Load the base model and adapters once, then serve the UI until interrupted."""
+    from loraforge.console import err_console
     from loraforge.infer.engine import Engine
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err_console.print(
+            f"[yellow]warning:[/yellow] the web UI listens on {host} without --api-key: "
+            "anyone who can reach it can use the model"
+        )
     engine = Engine(model, adapters, dtype=dtype, max_batch=max_batch)
     try:
         demo = build_ui(engine, default_model=next(iter(adapters), None))
         # Gradio runs one event at a time per handler unless told otherwise: let as many chats
         # stream at once as the engine batches
         demo.queue(default_concurrency_limit=max(max_batch, 4))
-        demo.launch(server_name=host, server_port=port, css=CSS, show_error=True)
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            css=CSS,
+            show_error=True,
+            auth=_password_check(api_key) if api_key else None,
+        )
     finally:
         engine.close()

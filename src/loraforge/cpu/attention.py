@@ -12,10 +12,21 @@ on the fast training path; any other mask falls through to plain SDPA.
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from loraforge.cpu import guard
+from loraforge.cpu.buckets import round_up
+
+try:  # an internal module of transformers: when it is gone, the guard's probe says so
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+except ImportError:
+    sdpa_attention_forward = None
 
 NAME = "loraforge_packed"
+PATCH = guard.Patch(
+    "packed attention",
+    "SDPA over whole packed rows",
+    {"torch": ("2.13", "2.14"), "transformers": ("5.24", "5.25")},
+)
 
 _bounds_cache: tuple[torch.Tensor | None, list[list[int]]] = (None, [])
 
@@ -85,15 +96,35 @@ def _pad_tail(x: torch.Tensor) -> torch.Tensor:
     positions never see the padding after them, so their outputs are unchanged (the padded
     rows' outputs are cut off)."""
     t = x.shape[2]
-    extra = -t % SEGMENT_BUCKET
+    extra = round_up(t, SEGMENT_BUCKET) - t
     if extra == 0 or x.device.type != "cpu":
         return x
     return torch.nn.functional.pad(x, (0, 0, 0, extra))
 
 
-AttentionInterface.register(NAME, packed_sdpa_attention)
+def _probe() -> None:
+    """Two samples packed in one row, with the mask ``pack_batch`` builds: the same output as
+    transformers' SDPA over the whole row."""
+    if sdpa_attention_forward is None:
+        raise ImportError("transformers.integrations.sdpa_attention.sdpa_attention_forward")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
+    mask[..., :3, :3] = torch.ones(3, 3, dtype=torch.bool).tril()
+    mask[..., 3:, 3:] = torch.ones(4, 4, dtype=torch.bool).tril()
+    module = torch.nn.Module()
+    got, _ = packed_sdpa_attention(module, q, k, v, mask)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def use_packed_attention(model) -> None:
-    """Switch a loaded transformers model (and PEFT's wrapped one) to packed attention."""
+def use_packed_attention(model) -> bool:
+    """Switch a loaded transformers model (and PEFT's wrapped one) to packed attention; False
+    when the guard refuses (the model keeps SDPA)."""
+    if not guard.check(PATCH, _probe):
+        return False
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_sdpa_attention)
     model.set_attn_implementation(NAME)
+    return True

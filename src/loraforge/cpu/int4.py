@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from loraforge.cpu import guard
+
+# pack and mm run torch's private CPU int4 ops (aten._convert_weight_to_int4pack_for_cpu and
+# aten._weight_int4pack_mm_for_cpu)
+PATCH = guard.Patch("int4 decode weights", "the bf16 weights", {"torch": ("2.13", "2.14")})
+
 
 class Int4:
     """Weights in 4 bits for decode steps: groups of 32 inputs, each with its own scale and
@@ -15,8 +21,24 @@ class Int4:
     GROUP = 32
 
     @classmethod
+    def available(cls) -> bool:
+        """Whether torch's int4 kernels are there and compute what ``pack`` expects (guard.py)."""
+        return guard.check(PATCH, cls._probe)
+
+    @classmethod
+    def _probe(cls) -> None:
+        # every group holds the 16 levels 0..15, so the quantisation is exact: the kernel must
+        # give x @ w.T up to bf16 rounding
+        w = torch.arange(16.0).repeat(16, 4)
+        x = torch.randint(0, 2, (2, 64), generator=torch.Generator().manual_seed(0))
+        x = x.to(torch.bfloat16)
+        got = cls.mm(x, cls.pack(w)).float()
+        torch.testing.assert_close(got, x.float() @ w.t(), rtol=1e-2, atol=0.0)
+
+    @classmethod
     def usable(cls, w: torch.Tensor) -> bool:
-        return w.device.type == "cpu" and w.shape[1] % cls.GROUP == 0 and w.shape[0] % 8 == 0
+        # torch's packing wants whole groups of inputs and outputs in multiples of 16
+        return w.device.type == "cpu" and w.shape[1] % cls.GROUP == 0 and w.shape[0] % 16 == 0
 
     @classmethod
     def pack(cls, w: torch.Tensor) -> tuple:

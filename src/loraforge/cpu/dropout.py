@@ -14,6 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraforge.cpu import guard
+
+# PEFT's LoRA layers keep their dropouts in a ModuleDict ``lora_dropout`` and call the active
+# one on the layer's input: an internal layout, hence the guard
+PATCH = guard.Patch("shared LoRA dropout", "PEFT's dropout per layer", {"peft": ("0.21", "0.22")})
+
 
 class _Shared:
     """The last input seen by any layer of one model, and its dropped version."""
@@ -43,16 +49,20 @@ class SharedInputDropout(nn.Module):
         return f"p={self.threshold / 32768:.4f}, shared"
 
 
+def _dropping(module: nn.Module) -> bool:
+    return isinstance(module, nn.Dropout) and module.p > 0
+
+
 def share_lora_dropout(model: nn.Module) -> int:
     """Replace every LoRA layer's ``nn.Dropout`` with a shared one; returns how many."""
-    shared = _Shared()
-    n = 0
+    found = []
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
-        if not isinstance(drops, nn.ModuleDict):
-            continue
-        for name, drop in list(drops.items()):
-            if isinstance(drop, nn.Dropout) and drop.p > 0:
-                drops[name] = SharedInputDropout(drop.p, shared)
-                n += 1
-    return n
+        if isinstance(drops, nn.ModuleDict):
+            found += [(drops, k, d.p) for k, d in drops.items() if _dropping(d)]
+    if not found or not guard.check(PATCH):
+        return 0
+    shared = _Shared()
+    for drops, name, p in found:
+        drops[name] = SharedInputDropout(p, shared)
+    return len(found)

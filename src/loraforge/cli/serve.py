@@ -1,0 +1,91 @@
+"""`loraforge serve` (loraforge.serve.run: the OpenAI-compatible API) and `loraforge webui`
+(loraforge.webui.app: the Gradio UI)."""
+
+from __future__ import annotations
+
+import typer
+
+from loraforge.cli import user_errors
+from loraforge.cli.options import DTYPE
+
+app = typer.Typer()
+
+ADAPTERS = typer.Option(
+    [],
+    "--adapter",
+    help="NAME=PATH of an adapter dir (repeatable); a bare PATH is named by its dir.",
+)
+BASE = typer.Option(
+    None, "--model", help="Base model (default: the first adapter's base, else smollm2-135m)."
+)
+
+
+@app.command()
+@user_errors
+def serve(
+    model: str = BASE,
+    adapter: list[str] = ADAPTERS,
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, help="Port to bind."),
+    api_key: str = typer.Option(
+        None, envvar="LORAFORGE_API_KEY", help="Require 'Authorization: Bearer KEY'."
+    ),
+    adapter_root: str = typer.Option(
+        None, help="Dir that /v1/load_lora_adapter may load from (off without it)."
+    ),
+    max_tokens: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
+    max_batch: int = typer.Option(8, help="Requests decoded together."),
+    max_queue: int = typer.Option(256, help="Queued requests before answering 503."),
+    dtype: str = DTYPE,
+) -> None:
+    """OpenAI-compatible API: one base model, many adapters picked by the request's model."""
+    from loraforge.errors import require
+
+    require("fastapi", "serve")
+    require("uvicorn", "serve")
+    from loraforge.serve.run import parse_adapters
+    from loraforge.serve.run import serve as run_server
+
+    run_server(
+        model,
+        parse_adapters(adapter),
+        host=host,
+        port=port,
+        api_key=api_key,
+        adapter_root=adapter_root,
+        max_tokens_limit=max_tokens,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        dtype=dtype,
+    )
+
+
+@app.command()
+@user_errors
+def webui(
+    model: str = BASE,
+    adapter: list[str] = ADAPTERS,
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(7860, help="Port to bind."),
+    max_batch: int = typer.Option(8, help="Requests decoded together."),
+    api_key: str = typer.Option(
+        None, envvar="LORAFORGE_API_KEY", help="Ask for this password (any user name) to log in."
+    ),
+    dtype: str = DTYPE,
+) -> None:
+    """A Gradio web UI: chat with an adapter picker, and a base-vs-adapters compare tab."""
+    from loraforge.errors import require
+
+    require("gradio", "webui")
+    from loraforge.serve.run import parse_adapters
+    from loraforge.webui.app import launch
+
+    launch(
+        model,
+        parse_adapters(adapter),
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        dtype=dtype,
+        api_key=api_key,
+    )

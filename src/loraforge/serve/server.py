@@ -1,0 +1,217 @@
+"""What every endpoint of the API server shares: the engine, the adapter registry, the limits,
+and the steps of answering a request (pick the adapter, check the token budget, build the
+sampling params, submit, wait or stream). ``routes.py`` composes these; ``app.py`` wires them.
+
+The event loop never blocks on the engine: waiting for a result or the next streamed delta runs
+on a private thread pool (the default executor has only cpu+4 threads, which would cap the
+number of requests in flight, and so the batch, at 6 on this machine). The pool is as large as
+the engine can hold requests (queue + batch), so a full queue answers 503 instead of stalling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from loraforge.serve.registry import AdapterRegistry
+from loraforge.serve.schemas import APIError, error_body
+
+DEFAULT_MAX_TOKENS = 512  # when a request gives none: a looping model must not run for minutes
+_END = object()
+
+
+def context_length(engine) -> int:
+    """The engine's context window (its KV cache length), else the model config's, else 2048."""
+    for get in (
+        lambda: engine.runner.max_len,
+        lambda: engine.hf_model.config.max_position_embeddings,
+    ):
+        try:
+            n = int(get())
+            if n > 0:
+                return n
+        except (AttributeError, TypeError, ValueError):
+            pass
+    n = getattr(engine.tokenizer, "model_max_length", 0) or 0
+    return n if 0 < n < 1_000_000 else 2048
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def usage(r) -> dict:
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
+
+
+class Server:
+    """The state behind the endpoints; ``engine`` follows loraforge.infer.engine.Engine."""
+
+    def __init__(
+        self,
+        engine,
+        *,
+        adapter_root: str | Path | None = None,
+        default_model: str | None = None,
+        max_tokens_limit: int = 4096,
+        max_context: int | None = None,
+    ):
+        self.engine = engine
+        self.base = engine.base_name
+        self.default_model = default_model
+        self.max_tokens_limit = max_tokens_limit
+        self.ctx = max_context or context_length(engine)
+        self.registry = AdapterRegistry(engine, adapter_root)
+        in_flight = getattr(engine, "max_queue", 256) + getattr(engine, "max_batch", 8)
+        self.pool = ThreadPoolExecutor(max_workers=in_flight + 8, thread_name_prefix="lf-wait")
+        self.started = int(time.time())
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run_blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def pick(self, name: str | None) -> tuple[str, str | None]:
+        """(the model name to answer with, the adapter to use: None = base), or a 404."""
+        name = name or self.default_model or self.base
+        if name == self.base:
+            return name, None
+        if name in self.registry.names():
+            return name, name
+        raise APIError(
+            404,
+            f"The model '{name}' does not exist; GET /v1/models lists the ones served",
+            param="model",
+            code="model_not_found",
+            type="not_found_error",
+        )
+
+    def budget(self, n_prompt: int, requested: int | None) -> int:
+        """The completion's token limit: what was asked, within the server's cap and the room
+        the context leaves after the prompt; OpenAI's context_length_exceeded otherwise."""
+        if requested is not None and requested > self.max_tokens_limit:
+            raise APIError(
+                400,
+                f"max_tokens is {requested}, above this server's limit of {self.max_tokens_limit}",
+                param="max_tokens",
+            )
+        room = self.ctx - n_prompt
+        if room <= 0 or (requested is not None and requested > room):
+            msg = f"This model's maximum context length is {self.ctx} tokens. However, "
+            if requested is None or room <= 0:
+                msg += f"the prompt alone has {n_prompt} tokens."
+            else:
+                msg += (
+                    f"you requested {n_prompt + requested} tokens ({n_prompt} in the prompt, "
+                    f"{requested} in the completion). Lower max_tokens or shorten the prompt."
+                )
+            raise APIError(400, msg, param="messages", code="context_length_exceeded")
+        # Bug fix: a request without max_tokens got DEFAULT_MAX_TOKENS even above the server's
+        # --max-tokens cap; the cap bounds every completion.
+        if requested is not None:
+            return requested
+        return min(DEFAULT_MAX_TOKENS, self.max_tokens_limit, room)
+
+    def params(self, req, max_new: int):
+        """SamplingParams through the one SamplingOptions check the CLI flags also pass."""
+        from pydantic import ValidationError
+
+        from loraforge.infer.sampling import SamplingOptions
+
+        kw = {"max_new_tokens": max_new}
+        for field in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            if getattr(req, field, None) is not None:
+                kw[field] = getattr(req, field)
+        try:  # the request schema checks the ranges, but lets through e.g. an infinite penalty
+            options = SamplingOptions(**kw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "request"
+            raise APIError(400, f"{field}: {err['msg']}", param=field) from None
+        return options.to_params(stop=list(getattr(req, "stop", None) or []))
+
+    async def encode_chat(self, messages: list[dict], adapter: str | None) -> list[int]:
+        from loraforge.adapters import AdapterError
+        from loraforge.errors import UserError
+
+        msgs = [
+            {**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages
+        ]
+        try:
+            return await self.run_blocking(self.engine.encode, msgs, adapter)
+        except UserError as e:  # e.g. a template that refuses this sequence of roles
+            if isinstance(e, AdapterError):  # bug fix: unloaded since pick(), was a 400; 404 now
+                self.pick(adapter)
+            raise APIError(400, str(e), param="messages") from None
+
+    def submit(self, ids: list[int], sp, adapter: str | None):
+        from loraforge.adapters import AdapterError
+        from loraforge.infer.engine import EngineBusy
+
+        try:
+            return self.engine.submit(ids, sp, adapter)
+        except AdapterError:  # unloaded between the name check and now
+            self.pick(adapter)
+            raise
+        except EngineBusy:
+            raise APIError(
+                503,
+                "The server is overloaded: too many queued requests; retry later",
+                type="server_error",
+                code="overloaded",
+            ) from None
+
+    async def wait(self, handle, request: Request):
+        """The handle's result; if the client goes away first, cancel the generation."""
+        fut = asyncio.ensure_future(self.run_blocking(handle.result))
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=0.5)
+            if done:
+                return fut.result()
+            if await request.is_disconnected():
+                handle.cancel()
+                raise APIError(499, "client closed the request")
+
+    def stream(self, handle, head: dict, piece, include_usage: bool) -> StreamingResponse:
+        """SSE: one chunk per delta, a last one with finish_reason, optional usage, [DONE]."""
+        state = {"finished": False}
+        server = self
+
+        async def events():
+            it = iter(handle)
+            first = piece("", None, role=True)
+            if first is not None:
+                yield sse({**head, "choices": [first]})
+            try:
+                while (delta := await server.run_blocking(next, it, _END)) is not _END:
+                    if delta:
+                        yield sse({**head, "choices": [piece(delta, None)]})
+                r = await server.run_blocking(handle.result)
+                state["finished"] = True
+                yield sse({**head, "choices": [piece("", r.finish_reason)]})
+                if include_usage:
+                    yield sse({**head, "choices": [], "usage": usage(r)})
+            except Exception as e:  # the status line is sent already: report in-band
+                yield sse(error_body(f"generation failed: {e}", type="server_error"))
+            yield "data: [DONE]\n\n"
+
+        class _Stream(StreamingResponse):
+            async def __call__(self, scope, receive, send):
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    if not state["finished"]:  # the client went away: stop generating for it
+                        handle.cancel()
+
+        return _Stream(events(), media_type="text/event-stream")

@@ -54,3 +54,16 @@ def test_health_says_so_when_the_engine_died(tiny_model_dir):
         eng.close()
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "error"
+
+
+def test_unload_is_gated_like_load(tiny_model_dir, tmp_path):
+    """Without --adapter-root a client may neither load nor unload: the startup adapters stay."""
+    make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    eng = Engine(str(tiny_model_dir), dtype="float32", max_batch=1, adapters={"a": tmp_path / "a"})
+    try:
+        with TestClient(create_app(eng)) as c:
+            r = c.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
+            assert r.status_code == 400 and "--adapter-root" in r.json()["error"]["message"]
+            assert "a" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+    finally:
+        eng.close()

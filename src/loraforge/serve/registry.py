@@ -13,15 +13,21 @@ from pathlib import Path
 from loraforge.serve.schemas import APIError
 
 
-def resolve_in_root(root: Path | None, path: str) -> Path:
-    """The real path of ``path`` (relative to ``root`` or to the working dir, or absolute), or a
-    400 unless it lies inside ``root``."""
+def _require_root(root: Path | None, param: str) -> Path:
+    """Runtime adapter changes, load and unload alike, are on only with ``--adapter-root``."""
     if root is None:
         raise APIError(
             400,
-            "runtime adapter loading is off: start the server with --adapter-root DIR",
-            param="lora_path",
+            "runtime adapter changes are off: start the server with --adapter-root DIR",
+            param=param,
         )
+    return root
+
+
+def resolve_in_root(root: Path | None, path: str) -> Path:
+    """The real path of ``path`` (relative to ``root`` or to the working dir, or absolute), or a
+    400 unless it lies inside ``root``."""
+    root = _require_root(root, "lora_path")
     try:
         return _inside(root.resolve(), path)
     # a name over 255 bytes, a NUL byte, a loop of links. Bug fix: Python < 3.13 raises
@@ -93,6 +99,7 @@ class AdapterRegistry:
         return real
 
     def unload(self, name: str) -> None:
+        _require_root(self.root, "lora_name")
         with self._lock:
             if name not in self.names():
                 raise APIError(

@@ -5,13 +5,50 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def make_tiny_model(out: Path, tokenizer, seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) saved as an HF dir with ``tokenizer``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def make_adapter(
-    base_dir: Path, out_dir: Path, seed: int, system: str | None = "Be brief."
+    base_dir: Path,
+    out_dir: Path,
+    seed: int,
+    system: str | None = "Be brief.",
+    *,
+    base_spec: str | None = None,
+    r: int = 8,
+    targets: str | list[str] = "all-linear",
+    **lora_kw,
 ) -> Path:
     """A random, non-zero LoRA adapter on ``base_dir`` saved as a loraforge adapter dir.
 
     ``init_lora_weights=False`` makes B non-zero, and B is scaled up so that the adapter really
     changes the tiny model's greedy output (otherwise adapter mix-ups would go unnoticed).
+    ``base_spec``: the base recorded in loraforge.json, if not ``base_dir``; ``lora_kw`` go to
+    PEFT's LoraConfig (``use_rslora``, ``alpha_pattern``, ...).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -22,7 +59,9 @@ def make_adapter(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    cfg = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **lora_kw
+    )
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -31,7 +70,7 @@ def make_adapter(
     out_dir = Path(out_dir)
     peft_model.save_pretrained(out_dir)
     meta = AdapterMeta(
-        base_model=str(base_dir), chat_template=tokenizer.chat_template, system=system
+        base_model=str(base_spec or base_dir), chat_template=tokenizer.chat_template, system=system
     )
     write_meta(out_dir, meta)
     return out_dir

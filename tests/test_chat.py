@@ -119,7 +119,7 @@ def test_bad_sampling_flag_is_one_line(flags, line):
 
 
 def test_model_mismatch_names_both(tmp_path, adapter, tokenizer, tiny_model_dir):
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
     from typer.testing import CliRunner
 
     from loraforge.cli import app

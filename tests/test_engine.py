@@ -13,64 +13,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bf16_agrees
+from helpers import assert_bf16_agrees, make_adapter
 
-from loraforge.adapters import AdapterError, AdapterMeta, write_meta
-from loraforge.data.tokenize import resolve_template
+from loraforge.adapters import AdapterError
 from loraforge.infer.engine import Engine, EngineBusy, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
-
-
-def make_adapter(
-    out: Path,
-    base_dir: Path,
-    tokenizer,
-    seed: int,
-    base_spec: str | None = None,
-    r: int = 8,
-    targets="all-linear",
-    **lora_kw,
-) -> Path:
-    """A random (non-zero) LoRA adapter saved as a loraforge adapter dir."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **lora_kw
-    )
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():  # make the update large enough to change the tiny model's argmax
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(20)
-    peft_model.save_pretrained(out)
-    write_meta(
-        out, AdapterMeta(str(base_spec or base_dir), resolve_template(tokenizer), "Be brief.")
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return {
-        "a1": make_adapter(root / "a1", tiny_model_dir, tokenizer, 1),
+        "a1": make_adapter(tiny_model_dir, root / "a1", 1),
         "a2": make_adapter(
-            root / "a2",
             tiny_model_dir,
-            tokenizer,
+            root / "a2",
             2,
             r=4,
             targets=["q_proj", "v_proj", "down_proj"],
         ),
         # rsLoRA scaling and a per-module alpha, as PEFT computes them
         "a3": make_adapter(
-            root / "a3",
             tiny_model_dir,
-            tokenizer,
+            root / "a3",
             3,
             use_rslora=True,
             alpha_pattern={"up_proj": 64},
@@ -364,7 +330,7 @@ def test_unload_and_unknown_adapter(tiny_model_dir, adapters):
 
 
 def test_adapter_for_another_base(tiny_model_dir, tokenizer, tmp_path, engine):
-    other = make_adapter(tmp_path / "other", tiny_model_dir, tokenizer, 3, base_spec="smollm2-135m")
+    other = make_adapter(tiny_model_dir, tmp_path / "other", 3, base_spec="smollm2-135m")
     with pytest.raises(AdapterError, match="smollm2-135m") as e:
         engine.load_adapter("other", str(other))
     assert str(tiny_model_dir) in str(e.value)

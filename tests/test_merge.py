@@ -173,7 +173,7 @@ def test_bfloat16_save_bug_is_caught(tmp_path, adapter, monkeypatch):
 
 
 def test_user_errors(tmp_path, adapter, tokenizer):
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     other = make_tiny_model(tmp_path / "other", tokenizer, seed=3)
     with pytest.raises(AdapterError, match="other"):

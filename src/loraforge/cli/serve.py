@@ -18,6 +18,8 @@ ADAPTERS = typer.Option(
 BASE = typer.Option(
     None, "--model", help="Base model (default: the first adapter's base, else smollm2-135m)."
 )
+HOST = typer.Option("127.0.0.1", help="Address to bind (beyond localhost: set --api-key).")
+MAX_BATCH = typer.Option(8, help="Requests decoded together.")
 
 
 @app.command()
@@ -25,7 +27,7 @@ BASE = typer.Option(
 def serve(
     model: str = BASE,
     adapter: list[str] = ADAPTERS,
-    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    host: str = HOST,
     port: int = typer.Option(8000, help="Port to bind."),
     api_key: str = typer.Option(
         None, envvar="LORAFORGE_API_KEY", help="Require 'Authorization: Bearer KEY'."
@@ -34,7 +36,7 @@ def serve(
         None, help="Dir that /v1/load_lora_adapter may load from (off without it)."
     ),
     max_tokens: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
-    max_batch: int = typer.Option(8, help="Requests decoded together."),
+    max_batch: int = MAX_BATCH,
     max_queue: int = typer.Option(256, help="Queued requests before answering 503."),
     dtype: str = DTYPE,
 ) -> None:
@@ -65,9 +67,9 @@ def serve(
 def webui(
     model: str = BASE,
     adapter: list[str] = ADAPTERS,
-    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    host: str = HOST,
     port: int = typer.Option(7860, help="Port to bind."),
-    max_batch: int = typer.Option(8, help="Requests decoded together."),
+    max_batch: int = MAX_BATCH,
     api_key: str = typer.Option(
         None, envvar="LORAFORGE_API_KEY", help="Ask for this password (any user name) to log in."
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 
@@ -123,3 +125,22 @@ def assert_bf16_agrees(
             assert h == w, f"{where}: top-1 differs although the margin is > {margin}"
         assert d <= atol, f"{where}: logits differ by more than atol={atol}"
     return checked
+
+
+def start_server(app) -> tuple[str, object, threading.Thread]:
+    """``app`` served by uvicorn on a free 127.0.0.1 port in a daemon thread of this process:
+    (base URL, the uvicorn.Server (set ``should_exit`` to stop it), the thread)."""
+    import uvicorn
+
+    from loraforge.bench.served import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    return f"http://127.0.0.1:{port}", server, thread

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,35 +17,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import make_adapter
+from helpers import make_adapter, start_server
 
+from loraforge.bench.served import free_port
 from loraforge.infer.engine import Engine, EngineBusy
 from loraforge.serve.app import create_app
 
 KEY = "test-key"
 CTX = 512  # a small context so "prompt longer than the context" is cheap to hit
 HI = [{"role": "user", "content": "Hello there, who are you?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(app) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +187,7 @@ def test_api_key(server):
         ({"model": "grace", "messages": HI, "n": 2}, "n"),
         ({"model": "grace", "messages": HI, "seed": 2**70}, "seed"),
         ({"model": "grace", "messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
-        ({"model": "grace", "messages": HI, "max_tokens": 300, "stop": ["a"] * 5}, "stop"),
+        ({"model": "grace", "messages": HI, "max_tokens": 300, "stop": ["a"] * 65}, "stop"),
         ([1, 2, 3], None),
     ],
 )
@@ -219,7 +197,7 @@ def test_bad_input_is_400_in_openai_format(server, body, param):
     r = httpx.post(f"{server}/v1/chat/completions", headers=headers, timeout=30, **kw)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["type"] == "invalid_request_error" and err["message"] and err["code"]
     if param is not None:
         assert err["param"] == param
 

@@ -38,6 +38,9 @@ def serve(
     max_tokens: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
     max_batch: int = MAX_BATCH,
     max_queue: int = typer.Option(256, help="Queued requests before answering 503."),
+    cors_origin: list[str] = typer.Option(
+        None, help="Browser origin allowed to call the API (repeatable; '*' for any; off)."
+    ),
     dtype: str = DTYPE,
 ) -> None:
     """OpenAI-compatible API: one base model, many adapters picked by the request's model."""
@@ -59,6 +62,7 @@ def serve(
         max_batch=max_batch,
         max_queue=max_queue,
         dtype=dtype,
+        cors_origins=cors_origin,
     )
 
 

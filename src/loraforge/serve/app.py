@@ -24,18 +24,22 @@ from loraforge.serve.schemas import APIError, error_body
 from loraforge.serve.server import Server, context_length  # noqa: F401 - re-exported
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_error(exc: RequestValidationError) -> dict:
+    """OpenAI's error body for a request the schema refused: the first problem, its ``param``
+    (the dotted field path) and a stable ``code`` (invalid_json, missing_parameter or
+    invalid_value)."""
     err = exc.errors()[0]
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     if err.get("type") == "json_invalid":
-        return f"invalid JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-    if err.get("type") == "missing" and not loc:
-        return "request body is missing", None
-    if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
-        return "request body must be a JSON object", None
+        why = err.get("ctx", {}).get("error", err.get("msg"))
+        return error_body(f"invalid JSON body: {why}", code="invalid_json")
+    if not loc and err.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        what = "is missing" if err.get("type") == "missing" else "must be a JSON object"
+        return error_body(f"request body {what}", code="invalid_json")
     param = ".".join(loc) or None
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    return (f"{param}: {msg}" if param else msg), param
+    code = "missing_parameter" if err.get("type") == "missing" else "invalid_value"
+    return error_body(f"{param}: {msg}" if param else msg, param=param, code=code)
 
 
 class _RequireKey:
@@ -70,8 +74,10 @@ def create_app(
     max_tokens_limit: int = 4096,
     max_context: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app. ``engine`` follows loraforge.infer.engine.Engine; the caller closes it."""
+    """The FastAPI app. ``engine`` follows loraforge.infer.engine.Engine; the caller closes it.
+    ``cors_origins``: browser origins allowed to call the API (none by default; "*" any)."""
     from loraforge import __version__
 
     server = Server(
@@ -93,6 +99,15 @@ def create_app(
     app.add_middleware(_LimitBody, limit=max_body_bytes)
     if api_key:
         app.add_middleware(_RequireKey, key=api_key)
+    if cors_origins:  # added last: the outermost layer, so preflights never meet the key check
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.include_router(router)
     return app
 
@@ -107,17 +122,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, exc: RequestValidationError):
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, param=param), status_code=400)
+        return JSONResponse(_validation_error(exc), status_code=400)
 
     @app.exception_handler(UserError)
     async def _user_error(_req, exc: UserError):
-        return JSONResponse(error_body(str(exc)), status_code=400)
+        return JSONResponse(error_body(str(exc), code="invalid_request"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type=kind), status_code=exc.status_code)
+        # 400 here is FastAPI's "There was an error parsing the body" (e.g. a 5000-digit int)
+        codes = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
+        body = error_body(str(exc.detail), type=kind, code=code)
+        return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _crash(_req, exc: Exception):

@@ -20,6 +20,7 @@ def _require_root(root: Path | None, param: str) -> Path:
             400,
             "runtime adapter changes are off: start the server with --adapter-root DIR",
             param=param,
+            code="adapter_changes_disabled",
         )
     return root
 
@@ -34,13 +35,17 @@ def resolve_in_root(root: Path | None, path: str) -> Path:
     # RuntimeError("Symlink loop from ...") from Path.resolve(), which was a 500.
     except (OSError, ValueError, RuntimeError) as e:
         reason = getattr(e, "strerror", None) or str(e)
-        raise APIError(400, f"lora_path: unusable path ({reason})", param="lora_path") from None
+        raise APIError(
+            400, f"lora_path: unusable path ({reason})", param="lora_path", code="invalid_path"
+        ) from None
 
 
 def _inside(real_root: Path, path: str) -> Path:
     p = Path(path).expanduser()
     if ".." in p.parts:
-        raise APIError(400, f"lora_path '{path}' must not contain '..'", param="lora_path")
+        raise APIError(
+            400, f"lora_path '{path}' must not contain '..'", param="lora_path", code="invalid_path"
+        )
     real = (p if p.is_absolute() else real_root / p).resolve()
     if not p.is_absolute() and not real.exists() and p.resolve().exists():
         real = p.resolve()  # "runs/shop", relative to the working dir, as vLLM users write it
@@ -49,9 +54,12 @@ def _inside(real_root: Path, path: str) -> Path:
             400,
             f"lora_path '{path}' is outside the adapter root {real_root}",
             param="lora_path",
+            code="outside_adapter_root",
         )
     if not real.is_dir():
-        raise APIError(400, f"lora_path '{path}': no such adapter dir", param="lora_path")
+        raise APIError(
+            400, f"lora_path '{path}': no such adapter dir", param="lora_path", code="not_found"
+        )
     # The dir is inside, but each file in it must be too: a weights file that is a symlink to
     # /etc/... would otherwise be read on the client's say-so.
     for f in real.iterdir():
@@ -60,6 +68,7 @@ def _inside(real_root: Path, path: str) -> Path:
                 400,
                 f"lora_path '{path}': {f.name} links outside the adapter root",
                 param="lora_path",
+                code="outside_adapter_root",
             )
     return real
 
@@ -83,7 +92,10 @@ class AdapterRegistry:
         with self._lock:
             if name == self.engine.base_name or name in self.names():
                 raise APIError(
-                    400, f"The lora adapter '{name}' has already been loaded.", param="lora_name"
+                    400,
+                    f"The lora adapter '{name}' has already been loaded.",
+                    param="lora_name",
+                    code="adapter_already_loaded",
                 )
             if len(self.names()) >= self.max_adapters:
                 raise APIError(
@@ -91,11 +103,12 @@ class AdapterRegistry:
                     f"{self.max_adapters} adapters are loaded, this server's limit; "
                     "unload one first",
                     param="lora_name",
+                    code="too_many_adapters",
                 )
             try:
                 self.engine.load_adapter(name, str(real))
             except UserError as e:  # not an adapter dir, or trained on another base model
-                raise APIError(400, str(e), param="lora_path") from None
+                raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
         return real
 
     def unload(self, name: str) -> None:

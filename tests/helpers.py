@@ -7,13 +7,15 @@ import time
 from pathlib import Path
 
 
-def make_tiny_model(out: Path, tokenizer, seed: int = 0) -> Path:
-    """A tiny random Llama (2 layers, hidden 64) saved as an HF dir with ``tokenizer``."""
+def make_tiny_model(out: Path, tokenizer, seed: int = 0, model_type: str = "llama") -> Path:
+    """A tiny random Llama (2 layers, hidden 64) saved as an HF dir with ``tokenizer``; another
+    ``model_type`` (olmo2, phi3, gemma2, ...) gives that architecture at the same size."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -25,8 +27,9 @@ def make_tiny_model(out: Path, tokenizer, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        head_dim=16,  # hidden / heads; gemma2's default (256) would not fit hidden 64
     )
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)

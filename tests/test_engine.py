@@ -526,7 +526,7 @@ def test_load_error_in_worker_reaches_the_caller(tiny_model_dir, monkeypatch):
     def broken(*a, **kw):
         raise ModelError("cannot build this model")
 
-    monkeypatch.setattr(engine_mod, "Runner", broken)
+    monkeypatch.setattr(engine_mod, "pick_runner", broken)
     before = threading.active_count()
     with pytest.raises(ModelError, match="cannot build"):
         Engine(str(tiny_model_dir), dtype="float32")

@@ -234,3 +234,29 @@ def test_row_by_row_backward_equals_whole_batch(lora_model, tokenizer):
     g_rows = torch.autograd.grad(total, lora)
     assert torch.allclose(total, whole, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_rows, g_whole, strict=True))
+
+
+def test_fast_loss_applies_gemma2_final_softcapping(tokenizer, tmp_path):
+    """Gemma 2 computes logits as cap * tanh(x / cap); the fast sparse loss must too (it took
+    the raw lm_head output before, so gemma2 trained on other logits than it serves)."""
+    from helpers import make_tiny_model
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.models import load_model
+
+    model = load_model(make_tiny_model(tmp_path / "g2", tokenizer, model_type="gemma2"))
+    model.config.final_logit_softcapping = 0.5  # small: tiny random logits are near 0
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft = get_peft_model(model, cfg).eval()
+    convs = [
+        [{"role": "user", "content": "hi " * k}, {"role": "assistant", "content": "yo " * k}]
+        for k in (1, 3)
+    ]
+    batch = pad_batch([encode_conversation(tokenizer, c) for c in convs], tokenizer.pad_token_id)
+    batch = {k: v for k, v in batch.items() if k != "num_tokens"}
+    fast, plain = SFTLoss(peft, fast=True)(**batch), SFTLoss(peft, fast=False)(**batch)
+    assert torch.allclose(fast, plain, atol=1e-5), (fast, plain)
+    lora = [p for p in peft.parameters() if p.requires_grad]
+    gf, gp = torch.autograd.grad(fast, lora), torch.autograd.grad(plain, lora)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gf, gp, strict=True))

@@ -212,15 +212,15 @@ def test_accelerator_reset_only_while_accelerate_has_it(monkeypatch, capsys):
     from accelerate.state import AcceleratorState
 
     from loraforge.cpu import guard
-    from loraforge.train import recipe
+    from loraforge.train import distributed
 
     calls = []
     monkeypatch.setattr(AcceleratorState, "_reset_state", lambda: calls.append(1), raising=False)
-    recipe._reset_accelerator_state()
+    distributed.reset_accelerator_state()
     assert calls == [1]
     monkeypatch.delattr(AcceleratorState, "_reset_state")
     monkeypatch.setattr(guard, "_warned", set())
-    recipe._reset_accelerator_state()
-    recipe._reset_accelerator_state()
+    distributed.reset_accelerator_state()
+    distributed.reset_accelerator_state()
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "_reset_state" in err

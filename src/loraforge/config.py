@@ -55,6 +55,16 @@ class SFTConfig(BaseModel):
     system: str | None = Field(  # None: loraforge.data.tokenize.DEFAULT_SYSTEM
         None, description="System prompt for conversations without one (default: loraforge's)."
     )
+    thinking: bool | None = Field(  # written into the recorded template: chat renders the same
+        None,
+        description="Templates with an enable_thinking switch (Qwen3): thinking on or off, at "
+        "training and chat time alike (default: the template's own).",
+    )
+    # keep: train what the data says (Qwen3's template itself drops the reasoning of earlier
+    # turns); strip: answers only, e.g. a reasoning model's data for a model meant to answer.
+    think: Literal["keep", "strip"] = Field(
+        "keep", description="<think>...</think> blocks in training answers: keep or strip."
+    )
     max_length: int = Field(1024, gt=8, description="Truncate examples to this many tokens.")
     model_name: str | None = Field(None, description="Name the selfcog set teaches.")
     model_author: str | None = Field(None, description="Author the selfcog set teaches.")
@@ -75,6 +85,10 @@ class SFTConfig(BaseModel):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r).")
     use_dora: bool = Field(False, description="DoRA: LoRA plus a trained magnitude per output.")
+    # QLoRA: the frozen base's linear layers in bitsandbytes' 4 or 8 bits (models.py)
+    quantization: Literal["nf4", "fp4", "int8"] | None = Field(
+        None, description="QLoRA: hold the frozen base in nf4 | fp4 | int8 (needs bitsandbytes)."
+    )
 
     # optimisation
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
@@ -96,6 +110,9 @@ class SFTConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, slower."
     )
+    # > 1: sft re-launches itself through torchrun (train/distributed.py); under a launcher
+    # (torchrun, accelerate launch) the launcher's process count is used instead
+    nproc: int = Field(1, ge=1, description="Processes (DDP, gloo on CPU); each takes a shard.")
 
     # speed: packing + bf16 autocast + bf16 frozen base + sparse chunked loss; --no-fast is
     # the plain fp32 path (padded batches, full logits) kept as the reference.

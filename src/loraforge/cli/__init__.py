@@ -61,20 +61,35 @@ def user_errors(fn: Callable) -> Callable:
 @app.command()
 @user_errors
 def models(
-    convert: bool = typer.Option(False, help="Convert the bundled models now (done once)."),
+    convert: bool = typer.Option(
+        False, help="Convert the installed bundled models now (done once)."
+    ),
 ) -> None:
-    """List the bundled and cached models with their sizes."""
+    """List the bundled and cached models with their sizes (a missing one: how to install it)."""
     from rich.table import Table
 
-    from loraforge.models import BUNDLED, list_models, resolve_model
+    from loraforge.models import list_models, resolve_model
 
-    if convert:
-        for name in BUNDLED:
-            resolve_model(name)
-    table = Table("name", "kind", "size", "path")
-    for m in list_models():
+    if convert:  # opt-in models whose packages are not installed are listed, not an error
+        for m in list_models():
+            if m.kind == "bundled, not converted yet":
+                resolve_model(m.name)
+    table = Table("name", "kind", "size", "path or install command")
+    models = list_models()
+    for m in models:
         table.add_row(m.name, m.kind, f"{m.size_bytes / 1e6:.0f} MB", m.path)
     console.print(table)
+    for m in models:
+        if m.note:
+            console.print(f"{m.name}: {m.note}")
+    from loraforge.cpu.families import FAMILIES, engine_path
+
+    # what chat/serve/eval run per architecture: the generic path is slower, never a refusal
+    paths = Table("family (config model_type)", "engine path")
+    for model_type in FAMILIES:
+        paths.add_row(model_type, engine_path(model_type))
+    paths.add_row("any other causal LM", "generic (transformers' forward)")
+    console.print(paths)
 
 
 # The verb modules use `user_errors` from here, so they are imported once it exists. Each has its

@@ -59,12 +59,28 @@ def bench_train(
     gradient_checkpointing: bool = typer.Option(
         False, help="loraforge side: recompute activations in backward (less memory, slower)."
     ),
-    only: str = typer.Option(None, help="Run one side only: loraforge | baseline."),
+    quantization: str = typer.Option(
+        None, help="Add a QLoRA side (nf4 | fp4 | int8): loraforge on a quantized base."
+    ),
+    only: str = typer.Option(None, help="Run one side only: loraforge | qlora | baseline."),
     json_out: str = JSON_OUT,
     markdown: str = MARKDOWN,
 ) -> None:
     """Training tokens/s, peak RSS and final loss: loraforge vs HF Trainer + PEFT."""
-    from loraforge.bench.train import SIDES, TrainBenchSettings, bench_train, print_result, record
+    from loraforge.bench.train import (
+        QLORA,
+        SIDES,
+        TrainBenchSettings,
+        bench_train,
+        print_result,
+        record,
+    )
+    from loraforge.models import QUANTIZATIONS
+
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise typer.BadParameter(f"--quantization: one of {', '.join(QUANTIZATIONS)}")
+    if only == QLORA and quantization is None:
+        raise typer.BadParameter("--only qlora needs --quantization")
 
     settings = TrainBenchSettings(
         model=model,
@@ -74,10 +90,11 @@ def bench_train(
         max_length=max_length,
         fast=fast,
         gradient_checkpointing=gradient_checkpointing,
+        quantization=quantization,
     )
-    sides = (only,) if only else SIDES
-    if only and only not in SIDES:
-        raise typer.BadParameter(f"--only: one of {', '.join(SIDES)}")
+    sides = (only,) if only else None
+    if only and only not in (*SIDES, QLORA):
+        raise typer.BadParameter(f"--only: one of {', '.join((*SIDES, QLORA))}")
     result = bench_train(settings, sides, progress=_progress)
     print_result(result)
     record(result, Path(json_out) if json_out else None, Path(markdown) if markdown else None)

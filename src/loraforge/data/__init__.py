@@ -162,8 +162,10 @@ def load_examples(
     model_name: str | None = None,
     model_author: str | None = None,
     strict: bool = False,
+    think: str = "keep",
 ) -> tuple[list[Example], DataReport]:
-    """Conversations rendered with the chat template; labels on the assistant turns only.
+    """Conversations rendered with the chat template; labels on the assistant turns only
+    (``think="strip"``: without their <think> blocks).
 
     Examples left with no labelled token after ``max_length`` truncation are dropped.
     """
@@ -189,6 +191,7 @@ def load_examples(
                 system=system,
                 max_length=max_length,
                 tools=conv.tools,
+                think=think,
             )
         except jinja2.TemplateError as e:  # e.g. a template that insists on alternating roles
             report.problem(f"{conv.source}: the chat template refused it ({e})", strict)

@@ -13,6 +13,11 @@ The command checks its own output on a few conversations, against the base model
 unmerged adapter in fp32: the merge itself in fp32 (before any rounding, so a dropped or garbled
 adapter cannot hide), then the saved dir reloaded from disk, whose max |logit diff| is printed
 and must stay within a tolerance that fits the dtype (see the notes on FP32_TOLERANCE below).
+
+An adapter trained on a quantized base (``sft --quantization nf4``, QLoRA) merges the same way:
+the base is always loaded here in full precision from its safetensors, never through
+bitsandbytes, so the update is folded into fp32 weights (folding it into 4-bit weights would
+round most of it away) and the output is a plain model.
 """
 
 from __future__ import annotations

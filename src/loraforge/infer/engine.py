@@ -22,8 +22,8 @@ import torch
 from loraforge.adapters import AdapterError, read_meta, resolve_adapter
 from loraforge.data.tokenize import DEFAULT_SYSTEM, prompt_ids, stop_token_ids, template_text
 from loraforge.errors import UserError
+from loraforge.infer.generic import pick_runner
 from loraforge.infer.request import Call, RequestHandle
-from loraforge.infer.runner import Runner
 from loraforge.infer.sampling import GenerationResult, SamplingParams
 from loraforge.infer.scheduler import EngineStats, Scheduler, StepEvent
 
@@ -124,7 +124,8 @@ class Engine:
 
         dtype = str(self.dtype).split(".")[-1]
         self.hf_model = load_model(path, dtype=dtype, device=str(self.device))
-        self.runner = Runner(self.hf_model, self.max_batch, self.dtype, self.device, self.int4)
+        # the fast runner where it computes this family, else transformers' forward (generic.py)
+        self.runner = pick_runner(self.hf_model, self.max_batch, self.dtype, self.device, self.int4)
         self._sched = Scheduler(
             self.runner,
             self._queue,

@@ -24,15 +24,22 @@ GROUPS = {
     "gu": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+# the same groups in a checkpoint that stores them fused already (Phi-3): LoRA targets them whole
+FUSED_GROUPS = {
+    "qkv": ("qkv_proj",),
+    "o": ("o_proj",),
+    "gu": ("gate_up_proj",),
+    "down": ("down_proj",),
+}
+_KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 # Gathered weights for batches that mix adapters: each entry holds every layer's A and B for
 # its rows (~80 MB for 8 rows of r=8 on SmolLM2), so the cache is bounded by bytes, not count.
 CACHE_BYTES = 256 * 2**20
 
 
-def proj_shapes(dims: dict, in_dims: dict) -> dict[str, tuple[int, int]]:
+def proj_shapes(dims: dict, in_dims: dict, groups: dict = GROUPS) -> dict[str, tuple[int, int]]:
     """{projection: (out, in)} of a model from the runner's fused dims."""
-    return {p: (dims[g][j], in_dims[g]) for g, projs in GROUPS.items() for j, p in enumerate(projs)}
+    return {p: (dims[g][j], in_dims[g]) for g, projs in groups.items() for j, p in enumerate(projs)}
 
 
 def read_lora(path: str, n_layers: int, shapes: dict[str, tuple[int, int]]) -> dict:
@@ -62,10 +69,10 @@ def read_lora(path: str, n_layers: int, shapes: dict[str, tuple[int, int]]) -> d
         m = _KEY.search(key)
         if m is None:
             raise AdapterError(f"{path}: unsupported adapter weight {key} (only LoRA on linears)")
-        layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
-        pairs.setdefault((layer, proj), [None, None])[0 if ab == "A" else 1] = t
+        layer, part, proj, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        pairs.setdefault((layer, proj), [None, None, part])[0 if ab == "A" else 1] = t
     result = {}
-    for (layer, proj), (a, b) in pairs.items():
+    for (layer, proj), (a, b, part) in pairs.items():
         where = f"{path}: layer {layer} {proj}"
         if a is None or b is None or layer >= n_layers or proj not in shapes:
             raise AdapterError(f"{where}: adapter does not fit this model")
@@ -82,17 +89,17 @@ def read_lora(path: str, n_layers: int, shapes: dict[str, tuple[int, int]]) -> d
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"{where}: weights hold NaN or infinity")
         # the rank comes from the weights; a per-module alpha from alpha_pattern, as PEFT matches it
-        alpha_key = next((k for k in cfg.alpha_pattern or {} if key_match(k, layer, proj)), None)
+        name = f"model.layers.{layer}.{part}.{proj}"
+        alpha_key = next((k for k in cfg.alpha_pattern or {} if key_match(k, name)), None)
         alpha = cfg.alpha_pattern[alpha_key] if alpha_key else cfg.lora_alpha
         scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
         result[(layer, proj)] = (a, b, scale)
     return result
 
 
-def key_match(pattern: str, layer: int, proj: str) -> bool:
+def key_match(pattern: str, module: str) -> bool:
     """PEFT's rule for rank/alpha_pattern keys: a regex matching the module name's tail."""
-    part = "self_attn" if proj in GROUPS["qkv"] + GROUPS["o"] else "mlp"
-    return re.match(rf"(.*\.)?({pattern})$", f"model.layers.{layer}.{part}.{proj}") is not None
+    return re.match(rf"(.*\.)?({pattern})$", module) is not None
 
 
 class LoraBank:
@@ -103,13 +110,21 @@ class LoraBank:
     exactly zero. The scaling is applied after ``B`` as PEFT does, so bf16 rounding matches it.
     """
 
-    def __init__(self, adapters: dict[str, dict], n_layers: int, dims: dict, in_dims: dict, device):
+    def __init__(
+        self,
+        adapters: dict[str, dict],
+        n_layers: int,
+        dims: dict,
+        in_dims: dict,
+        device,
+        groups: dict = GROUPS,
+    ):
         self.names = list(adapters)
         self.device = device
         self.A: list[dict] = [{} for _ in range(n_layers)]
         self.B: list[dict] = [{} for _ in range(n_layers)]
         self.S: list[dict] = [{} for _ in range(n_layers)]
-        for g, projs in GROUPS.items():
+        for g, projs in groups.items():
             rank = max(
                 (t[0].shape[0] for a in adapters.values() for (_, p), t in a.items() if p in projs),
                 default=0,

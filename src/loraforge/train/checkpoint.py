@@ -2,9 +2,11 @@
 
 A checkpoint is ``<output>/checkpoints/step-000040/``: a plain PEFT adapter dir (so it can be
 chatted with or served as is) plus ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` and
-``state.json`` (step, data position, best val loss). It is written into a hidden temp dir and
-renamed into place only when complete, so a kill during a save leaves the previous checkpoint
-usable; readers only consider dirs whose ``state.json`` exists.
+``state.json`` (step, data position, best val loss, process count). A run of N processes
+(DDP) adds ``rng-rank<r>.pt`` for ranks 1..N-1, so each one's dropout continues on resume.
+It is written into a hidden temp dir and renamed into place only when complete, so a kill
+during a save leaves the previous checkpoint usable; readers only consider dirs whose
+``state.json`` exists.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class TrainState:
     train_seconds: float = 0.0  # time in training steps (not eval/save), across resumes
     best_val_loss: float | None = None
     best_step: int | None = None
+    world: int = 1  # processes (DDP): micro_step is per process, so a resume needs the same
 
 
 # Fields that fix the data stream, the model's shape or the schedule: a resumed run with other
@@ -45,7 +48,7 @@ RESUME_FIXED = (
     "model", "dataset", "val_dataset", "val_split", "template", "system", "max_length",
     "model_name", "model_author", "lora_rank", "lora_alpha", "target_modules", "use_rslora",
     "use_dora", "lr_scheduler", "learning_rate", "warmup_ratio", "batch_size", "grad_accum",
-    "epochs", "max_steps", "seed", "fast", "pack_length",
+    "epochs", "max_steps", "seed", "fast", "pack_length", "thinking", "think", "quantization",
 )  # fmt: skip
 
 
@@ -91,7 +94,7 @@ def resolve_resume(resume: bool | str, output: Path) -> Path | None:
     return path
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     """Every RNG the run draws from, as tensors and plain numbers only, so that loading it
     needs no pickle (``torch.load(weights_only=True)``)."""
     version, internal, gauss = random.getstate()
@@ -106,6 +109,9 @@ def _rng_state() -> dict:
     except ImportError:
         pass
     return state
+
+
+_rng_state = rng_state  # the name tests/test_untrusted_files.py uses
 
 
 def _set_rng_state(state: dict) -> None:
@@ -135,25 +141,38 @@ def _load(path: Path):
 
 
 def save_checkpoint(
-    output: Path, model, optimizer, scheduler, state: TrainState, write_extra=None
+    output: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    write_extra=None,
+    rng_states: list[dict] | None = None,
+    weights: dict | None = None,
 ) -> Path:
     """Write checkpoint ``step-<state.step>`` atomically; ``write_extra(dir)`` adds files
-    (loraforge.json) before the rename."""
+    (loraforge.json) before the rename. ``rng_states``: every rank's ``rng_state()`` (DDP);
+    None: this process's. ``weights``: the PEFT model's state dict gathered from all ranks
+    (None: ``model``'s own)."""
+    rng_states = rng_states or [rng_state()]
     final = Path(output) / CKPT_DIR / f"step-{state.step:06d}"
     # A re-save of the same step (after a resume) swaps the new dir in atomically (fsutil).
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
         if write_extra is not None:
             write_extra(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save(rng_states[0], tmp / "rng.pt")
+        for rank, rng in enumerate(rng_states[1:], 1):
+            torch.save(rng, tmp / f"rng-rank{rank}.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG from ``path``; return its state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and ``rank``'s RNG from ``path``; return
+    its state."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -162,7 +181,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(_load(path / "optimizer.pt"))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
-    _set_rng_state(_load(path / "rng.pt"))
+    rng = path / f"rng-rank{rank}.pt"
+    _set_rng_state(_load(rng if rank > 0 and rng.is_file() else path / "rng.pt"))
     raw = json.loads((path / "state.json").read_text())
     return TrainState(**{k: v for k, v in raw.items() if k in TrainState.__dataclass_fields__})
 

@@ -14,7 +14,7 @@ import torch
 from loraforge.config import SFTConfig
 from loraforge.cpu.buckets import round_up
 from loraforge.data.collate import epoch_order, pack_batch, pad_batch
-from loraforge.data.tokenize import IGNORE_INDEX, Example, resolve_system
+from loraforge.data.tokenize import IGNORE_INDEX, Example, resolve_system, resolve_template
 from loraforge.errors import UserError
 
 
@@ -27,8 +27,9 @@ def load_train_val(cfg: SFTConfig, tokenizer) -> tuple[list[Example], list[Examp
     from loraforge.data import load_examples
 
     kwargs = dict(
-        template=cfg.template,
+        template=resolve_template(tokenizer, cfg.template, cfg.thinking),
         system=resolve_system(cfg.system),
+        think=cfg.think,
         max_length=cfg.max_length,
         seed=cfg.seed,
         model_name=cfg.model_name,

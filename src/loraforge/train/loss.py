@@ -70,8 +70,13 @@ class _FrozenLinearCE(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None, None
 
 
-def _chunk_ce(lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(lm_head(h).float(), t, reduction="sum")
+def _chunk_ce(
+    lm_head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
+    logits = lm_head(h).float()
+    if softcap:  # Gemma 2: logits = cap * tanh(logits / cap), as its forward computes them
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, t, reduction="sum")
 
 
 def labelled_tokens(labels: torch.Tensor) -> int:
@@ -113,12 +118,17 @@ class TokenMean:
 
 
 def sparse_lm_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk: int = 256
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    chunk: int = 256,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions only.
 
     ``hidden`` is (B, T, H) from the model body, ``labels`` (B, T) aligned with the inputs (the
-    shift happens here, as in transformers)."""
+    shift happens here, as in transformers). ``softcap``: the model's final logit soft-capping
+    (config.final_logit_softcapping, Gemma 2), applied before the cross-entropy."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]
@@ -128,7 +138,8 @@ def sparse_lm_loss(
         return hidden.sum() * 0.0  # keeps the graph; no labelled token in this batch
     weight = getattr(lm_head, "weight", None)
     fused = (
-        isinstance(lm_head, nn.Linear)
+        not softcap  # the fused gradient is softmax - onehot of the raw logits
+        and isinstance(lm_head, nn.Linear)
         and lm_head.bias is None
         and weight is not None
         and not weight.requires_grad
@@ -145,7 +156,9 @@ def sparse_lm_loss(
         total = _FrozenLinearCE.apply(h, w, t, chunk, need_grad)
     else:
         total = sum(
-            checkpoint(_chunk_ce, lm_head, h[s : s + chunk], t[s : s + chunk], use_reentrant=False)
+            checkpoint(
+                _chunk_ce, lm_head, h[s : s + chunk], t[s : s + chunk], softcap, use_reentrant=False
+            )
             for s in range(0, n, chunk)
         )
     return total / n
@@ -182,6 +195,9 @@ class SFTLoss(nn.Module):
             position_ids=position_ids,
             use_cache=False,
         )
+        # Bug fix: Gemma 2 caps its final logits (cap * tanh(x / cap)); the loss on the raw
+        # lm_head output trained another model than the one served (found on a tiny gemma2).
+        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
         return sparse_lm_loss(
-            out.last_hidden_state, labels, causal_lm.get_output_embeddings(), self.chunk
+            out.last_hidden_state, labels, causal_lm.get_output_embeddings(), self.chunk, softcap
         )

@@ -1,4 +1,5 @@
-"""Metrics: ``metrics.jsonl`` + TensorBoard events + ``loss.png``, and the rich progress bar.
+"""Metrics: ``metrics.jsonl`` + TensorBoard events + ``loss.png``, the rich progress bar, and the
+step counters (``StepFigures``, ``Throughput``) they are fed from.
 
 On resume the log is cut back to the checkpoint's step (lines a killed run wrote after its last
 checkpoint would repeat), and TensorBoard is told to purge events after that step, so both
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -109,3 +111,44 @@ def progress_bar(disable: bool = False) -> Progress:
 
 def fmt_loss(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.4f}"
+
+
+@dataclass
+class StepFigures:
+    """What one optimizer step did."""
+
+    loss: float  # the global batch's: micro-batch token-mean losses, ranks weighted by tokens
+    tokens: int  # real (non-pad) tokens, all processes
+    seconds: float
+    lr: float  # the learning rate this step used
+    grad_norm: float | None  # before clipping; None when clipping is off
+
+
+@dataclass
+class Throughput:
+    """Step counters: the logging window (mean loss, tokens/s since the last logged line) and
+    this process's run (a resume starts afresh). Step time only: no loading, eval, saving."""
+
+    window_losses: list[float] = field(default_factory=list)
+    window_tokens: int = 0
+    window_seconds: float = 0.0
+    run_tokens: int = 0
+    run_seconds: float = 0.0
+
+    def add(self, step: StepFigures) -> None:
+        self.window_losses.append(step.loss)
+        self.window_tokens += step.tokens
+        self.window_seconds += step.seconds
+        self.run_tokens += step.tokens
+        self.run_seconds += step.seconds
+
+    @property
+    def window_loss(self) -> float:
+        return sum(self.window_losses) / len(self.window_losses)
+
+    @property
+    def window_tokens_per_s(self) -> float:
+        return self.window_tokens / max(self.window_seconds, 1e-9)
+
+    def reset_window(self) -> None:
+        self.window_losses, self.window_tokens, self.window_seconds = [], 0, 0.0

@@ -5,10 +5,11 @@
     -> final adapter + loraforge.json + config.yaml + metrics.jsonl + TensorBoard + loss.png
 
 Everything device- and precision-specific goes through ``accelerate.Accelerator`` (autocast,
-backward, no_sync, clipping), so `accelerate launch` / torchrun (DDP, FSDP, DeepSpeed) and a
-4-bit base can come in without rewriting this file. The fast path (default) packs sequences,
-holds the frozen base in bf16 under bf16 autocast and computes the loss only on labelled
-positions; ``fast=False`` is the plain fp32, padded, full-logits path.
+backward, no_sync, clipping), so `accelerate launch` / torchrun / ``--nproc`` (DDP; FSDP and
+DeepSpeed configs in examples/accelerate) and a 4-bit base (``--quantization``) use this file
+as it is; train/distributed.py holds what only several processes need. The fast path (default)
+packs sequences, holds the frozen base in bf16 under bf16 autocast and computes the loss only on
+labelled positions; ``fast=False`` is the plain fp32, padded, full-logits path.
 
 ``SFTRecipe`` holds the run, one method per stage (as torchtune's recipes); ``run`` is the whole
 run in order. ``run_sft(cfg)`` is the entry point the CLI, the benchmark and the tests call.
@@ -20,7 +21,6 @@ import contextlib
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,11 +29,11 @@ import yaml
 from loraforge.adapters import AdapterMeta, write_meta
 from loraforge.config import SFTConfig
 from loraforge.console import console
-from loraforge.cpu import guard
 from loraforge.cpu.memory import release_memory
 from loraforge.data.tokenize import Example, resolve_system, resolve_template
 from loraforge.errors import UserError
 from loraforge.train import checkpoint as ckpt
+from loraforge.train import distributed as ddp
 from loraforge.train.data import (
     backward_pieces,
     load_train_val,
@@ -41,54 +41,20 @@ from loraforge.train.data import (
     train_batches,
     val_batches,
 )
-from loraforge.train.lora import bf16_supported, load_lora_model, trainable_parameters
-from loraforge.train.loss import SFTLoss, TokenMean, labelled_tokens
-from loraforge.train.metrics import MetricsLog, fmt_loss, plot_loss, progress_bar
+from loraforge.train.lora import load_lora_model, mixed_precision, trainable_parameters
+from loraforge.train.loss import SFTLoss, labelled_tokens
+from loraforge.train.metrics import (
+    MetricsLog,
+    StepFigures,
+    Throughput,
+    fmt_loss,
+    plot_loss,
+    progress_bar,
+)
 
 
 class OutputError(UserError):
     """An output dir holding an earlier run."""
-
-
-@dataclass
-class StepFigures:
-    """What one optimizer step did."""
-
-    loss: float  # this process: the mean of its micro-batches' token-mean losses
-    tokens: int  # real (non-pad) tokens, all processes
-    seconds: float
-    lr: float  # the learning rate this step used
-    grad_norm: float | None  # before clipping; None when clipping is off
-
-
-@dataclass
-class Throughput:
-    """Step counters: the logging window (mean loss, tokens/s since the last logged line) and
-    this process's run (a resume starts afresh). Step time only: no loading, eval, saving."""
-
-    window_losses: list[float] = field(default_factory=list)
-    window_tokens: int = 0
-    window_seconds: float = 0.0
-    run_tokens: int = 0
-    run_seconds: float = 0.0
-
-    def add(self, step: StepFigures) -> None:
-        self.window_losses.append(step.loss)
-        self.window_tokens += step.tokens
-        self.window_seconds += step.seconds
-        self.run_tokens += step.tokens
-        self.run_seconds += step.seconds
-
-    @property
-    def window_loss(self) -> float:
-        return sum(self.window_losses) / len(self.window_losses)
-
-    @property
-    def window_tokens_per_s(self) -> float:
-        return self.window_tokens / max(self.window_seconds, 1e-9)
-
-    def reset_window(self) -> None:
-        self.window_losses, self.window_tokens, self.window_seconds = [], 0, 0.0
 
 
 def lr_schedule(cfg: SFTConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -102,26 +68,6 @@ def lr_schedule(cfg: SFTConfig, optimizer: torch.optim.Optimizer, total_steps: i
         num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-
-
-# No version range: whether the private method is there is the whole question (the probe).
-STATE_RESET = guard.Patch(
-    "accelerate state reset (AcceleratorState._reset_state)",
-    "the state as it is: another sft in this process must keep the same precision",
-    {},
-)
-
-
-def _reset_accelerator_state() -> None:
-    """Clear ``AcceleratorState``, a per-process singleton that refuses a second mixed-precision
-    setting: without this, a second `run_sft` in one process (tests, the web UI) with another
-    precision (fast, then --no-fast) fails in ``Accelerator()`` ("AcceleratorState has already
-    been initialized"). The distributed part (PartialState) is kept. ``_reset_state`` is private
-    accelerate API: if it goes, one warning says so and only such second runs fail."""
-    from accelerate.state import AcceleratorState
-
-    if guard.check(STATE_RESET, lambda: AcceleratorState._reset_state):
-        AcceleratorState._reset_state()
 
 
 class SFTRecipe:
@@ -138,32 +84,50 @@ class SFTRecipe:
 
     # ---- setup --------------------------------------------------------------------------------
     def setup_output(self) -> None:
-        """Check the output dir against --resume / --overwrite; write the resolved config.yaml."""
-        cfg, out = self.cfg, self.out
-        self.resume_from = ckpt.resolve_resume(cfg.resume, out)
+        """Check the output dir against --resume / --overwrite; write the resolved config.yaml.
+        Every process checks (each raises the same error), then rank 0 alone writes."""
+        cfg, out, acc = self.cfg, self.out, self.accelerator
+        self.resume_from = ddp.rank0_value(acc, ckpt.resolve_resume(cfg.resume, out))
         if self.resume_from is None and ckpt.checkpoint_dirs(out) and not cfg.overwrite:
             raise OutputError(f"--output {out} holds checkpoints: add --resume or --overwrite")
-        if self.resume_from is None and (out / ckpt.CKPT_DIR).is_dir():
-            shutil.rmtree(out / ckpt.CKPT_DIR)
-        out.mkdir(parents=True, exist_ok=True)
         resolved = cfg.model_copy(update={"system": self.system})
         if self.resume_from is not None and (out / "config.yaml").is_file():
             saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
             ckpt.check_resume_config(saved, resolved.model_dump(mode="json"), out / "config.yaml")
-        (out / "config.yaml").write_text(resolved.to_yaml())
+        acc.wait_for_everyone()  # all have read the dir before rank 0 changes it
+        if self.main:
+            if self.resume_from is None and (out / ckpt.CKPT_DIR).is_dir():
+                shutil.rmtree(out / ckpt.CKPT_DIR)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(resolved.to_yaml())
+        acc.wait_for_everyone()
 
     def setup_accelerator(self) -> None:
         """The Accelerator (bf16 autocast on the fast path where the device has bf16), then the
         seed: everything after this draws from the seeded RNGs in a fixed order."""
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
         from transformers import set_seed
 
+        ddp.check_launch()
+
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.use_bf16 = self.cfg.fast and bf16_supported(device)
-        _reset_accelerator_state()
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.use_bf16 else "no")
+        precision = mixed_precision(device, self.cfg.fast)  # fp16 + GradScaler: GPUs sans bf16
+        self.use_bf16 = precision == "bf16"
+        ddp.reset_accelerator_state()
+        # cpu=True on a machine without CUDA: accelerate only takes the gloo (MULTI_CPU) path
+        # when told so; without it, torchrun's LOCAL_RANK/WORLD_SIZE are ignored on a CPU-only
+        # torch and every process trains alone ("1 proc", all writing the same output dir).
+        # broadcast_buffers=False: DDP would broadcast the (constant) rotary buffers at every
+        # forward, and the fast path's ranks run different numbers of forwards per step.
+        self.accelerator = Accelerator(
+            mixed_precision=precision,
+            cpu=device.type == "cpu",
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
         self.main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
+        self.state.world = self.world
         set_seed(self.cfg.seed)
 
     def setup_data(self, train: list[Example] | None = None, val: list[Example] | None = None):
@@ -172,7 +136,7 @@ class SFTRecipe:
 
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.model)
-        self.template = resolve_template(tokenizer, cfg.template)
+        self.template = resolve_template(tokenizer, cfg.template, cfg.thinking)
         if train is None:
             train, val, self.data_lines = load_train_val(cfg, tokenizer)
         else:
@@ -207,11 +171,16 @@ class SFTRecipe:
     def resume(self) -> None:
         """Restore the checkpoint, if any (weights, optimizer, schedule, RNG, position), and
         start this process's share of the batch stream where it left off."""
+        rank = self.accelerator.process_index
         if self.resume_from is not None:
             self.state = ckpt.load_checkpoint(
-                self.resume_from, self.model, self.optimizer.optimizer, self.scheduler
+                self.resume_from, self.model, self.optimizer.optimizer, self.scheduler, rank
             )
-        rank = self.accelerator.process_index
+            if self.state.world != self.world:  # the data position and schedule assume it
+                raise ckpt.CheckpointError(
+                    f"--resume: {self.resume_from} was trained with {self.state.world} "
+                    f"process(es), this run has {self.world}: use the same count or --overwrite"
+                )
         self.batches = train_batches(
             self.cfg, self.train_set, self.pad_id, self.state.micro_step, rank, self.world
         )
@@ -221,9 +190,12 @@ class SFTRecipe:
         if not self.main:
             return
         cfg = self.cfg
-        path = "fast: packed, bf16 autocast, sparse loss" if cfg.fast else "plain: fp32, padded"
-        if cfg.fast and not self.use_bf16:
+        precision = self.accelerator.mixed_precision
+        path = f"fast: packed, {precision} autocast, sparse loss" if cfg.fast else "plain: padded"
+        if cfg.fast and precision == "no":
             path = "fast: packed, sparse loss (no bf16 on this device: fp32)"
+        if cfg.quantization:
+            path += f", {cfg.quantization} base"
         console.print(f"model: {cfg.model}  ({path}, {self.accelerator.device})")
         for line in self.data_lines:
             console.print(f"data: {line}", markup=False)
@@ -242,8 +214,8 @@ class SFTRecipe:
     # ---- the run ------------------------------------------------------------------------------
     def run(self, train: list[Example] | None = None, val: list[Example] | None = None) -> Path:
         """setup -> resume -> loop (train_step, log, evaluate, save) -> final artefacts."""
-        self.setup_output()
         self.setup_accelerator()
+        self.setup_output()
         self.setup_data(train, val)
         self.setup_model()
         self.setup_optim()
@@ -264,7 +236,6 @@ class SFTRecipe:
                     self.record_val(self.evaluate())
                 if self._due(cfg.save_steps):
                     self.save()
-                self.accelerator.wait_for_everyone()
         self.save(final=True)
         self.cleanup()
         return self.out
@@ -277,46 +248,58 @@ class SFTRecipe:
         AdamW step -> schedule step."""
         cfg, state, acc = self.cfg, self.state, self.accelerator
         t0 = time.perf_counter()
-        step_loss, step_tokens, pieces = 0.0, 0, []
+        step_loss, step_tokens, labelled, pieces = 0.0, 0, 0, []
         for _ in range(cfg.grad_accum):
             batch = next(self.batches)
             step_tokens += int(batch.pop("num_tokens"))
+            labelled += labelled_tokens(batch["labels"])
             pieces += (
                 backward_pieces(batch, self.pad_id, cfg.max_length) if cfg.fast else [(batch, 1.0)]
             )
+        # DDP averages the ranks' gradients; scaling each rank's loss by world x its share of
+        # the global batch's labelled tokens makes that the token mean of the global batch, as
+        # one process with a world-times-larger batch computes it (tests/test_ddp.py).
+        all_tokens, all_labelled = ddp.sum_across(acc, step_tokens, labelled)
+        rank_weight = self.world * labelled / all_labelled
         for i, (piece, share) in enumerate(pieces):
-            piece = {k: v.to(acc.device) for k, v in piece.items()}
+            piece = to_device(piece, acc.device)
             last = i == len(pieces) - 1  # DDP syncs gradients once, after the last backward
             with contextlib.nullcontext() if last else acc.no_sync(self.loss_model):
                 with acc.autocast():
-                    loss = self.loss_model(**piece) * (share / cfg.grad_accum)
+                    loss = self.loss_model(**piece) * (share * rank_weight / cfg.grad_accum)
                 acc.backward(loss)
             step_loss += float(loss.detach())
         grad_norm = None
         if cfg.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips itself
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         release_memory()
+        (step_loss,) = ddp.sum_across(acc, step_loss / self.world)  # the global batch's loss
         state.step += 1
         state.micro_step += cfg.grad_accum
-        state.tokens_seen += step_tokens * self.world
+        state.tokens_seen += int(all_tokens)
         dt = time.perf_counter() - t0
         state.train_seconds += dt
-        return StepFigures(step_loss, step_tokens * self.world, dt, lr, grad_norm)
+        return StepFigures(step_loss, int(all_tokens), dt, lr, grad_norm)
 
     def evaluate(self) -> float:
-        """Validation loss: the training loss (no dropout) weighted by labelled tokens."""
+        """Validation loss: the training loss (no dropout) weighted by labelled tokens; rank r
+        scores every world-th batch."""
+        acc = self.accelerator
         self.loss_model.eval()
-        scored = TokenMean()
+        total, count = 0.0, 0
         with torch.no_grad():
-            for b in self.val_batches:
-                b = {k: v.to(self.accelerator.device) for k, v in b.items()}
-                scored.add_mean(self.loss_model(**b), labelled_tokens(b["labels"]))
+            for b in self.val_batches[acc.process_index :: self.world]:
+                b = to_device(b, acc.device)
+                n = labelled_tokens(b["labels"])
+                total, count = total + float(self.loss_model(**b)) * n, count + n
         self.loss_model.train()
-        return scored.mean
+        total, count = ddp.sum_across(acc, total, count)
+        return total / count if count else float("nan")
 
     def log_train(self, step: StepFigures) -> None:
         """The logging window's mean loss and speed: metrics.jsonl, TensorBoard, the bar."""
@@ -355,17 +338,28 @@ class SFTRecipe:
             state.best_val_loss, state.best_step = loss, state.step
 
     def save(self, final: bool = False) -> None:
-        """A checkpoint of this step (rotated); ``final``: the adapter in the output dir, the
-        loss plot and the closing lines. Main process only."""
-        if not self.main:
-            return
+        """A checkpoint of this step (rotated; every rank's RNG state in it); ``final``: the
+        adapter in the output dir, the loss plot and the closing lines. Rank 0 writes, the
+        others wait for it."""
+        rngs = None if final else ddp.gather_to_all(self.accelerator, ckpt.rng_state())
+        # Every rank: where parameters are sharded (FSDP, ZeRO-3) this gathers them; under DDP
+        # it is rank 0's own (replicated) state dict. "model." is SFTLoss's prefix.
+        full = self.accelerator.get_state_dict(self.loss_model)
+        weights = {k.removeprefix("model."): v for k, v in full.items()}
+        if self.main:
+            self._write(final, rngs, weights)
+        self.accelerator.wait_for_everyone()
+
+    def _write(self, final: bool, rngs: list[dict] | None, weights: dict) -> None:
         model = self.accelerator.unwrap_model(self.loss_model).model
         if not final:
-            opt = self.optimizer.optimizer
-            ckpt.save_checkpoint(self.out, model, opt, self.scheduler, self.state, self._meta)
-            ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit, self.state.best_step)
+            opt, state = self.optimizer.optimizer, self.state
+            ckpt.save_checkpoint(
+                self.out, model, opt, self.scheduler, state, self._meta, rngs, weights
+            )
+            ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit, state.best_step)
             return
-        model.save_pretrained(self.out)
+        model.save_pretrained(self.out, state_dict=weights)
         self._meta(self.out)
         plot_loss(self.out)
         tp, state = self.throughput, self.state
@@ -391,9 +385,24 @@ class SFTRecipe:
         self.accelerator.end_training()
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on ``device``; to a GPU from pinned memory, so the copy overlaps compute."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def run_sft(
     cfg: SFTConfig, *, train: list[Example] | None = None, val: list[Example] | None = None
 ) -> Path:
     """Train and write the adapter to ``cfg.output``; returns that dir. ``train``/``val``
-    (pre-tokenised examples) replace loading ``cfg.dataset``, for tests and embedding."""
+    (pre-tokenised examples) replace loading ``cfg.dataset``, for tests and embedding.
+    ``cfg.nproc`` > 1 outside a launcher: the run happens in that many new processes."""
+    if cfg.nproc > 1 and not ddp.under_launcher():
+        if train is not None or val is not None:
+            raise ddp.LaunchError("--nproc > 1 reads --dataset: given examples cannot be passed")
+        code = ddp.relaunch(cfg)
+        if code != 0:
+            raise ddp.LaunchError(f"sft --nproc {cfg.nproc}: a process failed (exit code {code})")
+        return Path(cfg.output)
     return SFTRecipe(cfg).run(train=train, val=val)

@@ -47,3 +47,20 @@ def test_long_lines_are_not_cut(capsys):
     text = "identity 'Grace': 92% of 24 answers name it (en 92%, zh 92%); 100% ended with EOS " * 3
     console.print(text)
     assert capsys.readouterr().out.count("\n") == 1
+
+
+def test_a_verb_prints_no_library_noise(tmp_path, tiny_model_dir):
+    """A real process, as a user starts it: no "Loading weights" bars, no FutureWarnings, no
+    bitsandbytes kernel notice (PEFT imports bitsandbytes when the qlora extra is there)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"query": "Do you ship?", "response": "Yes."}) + "\n")
+    cmd = [sys.executable, "-m", "loraforge.cli", "sft", "--model", str(tiny_model_dir)]
+    cmd += ["--dataset", str(data), "--max-steps", "1", "--val-split", "0"]
+    cmd += ["--output", str(tmp_path / "out")]  # sft imports peft, peft imports bitsandbytes
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for noise in ("Loading weights", "Warning", "kernels", "Traceback"):
+        assert noise not in r.stdout + r.stderr, (noise, r.stdout, r.stderr)

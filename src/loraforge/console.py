@@ -43,6 +43,9 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=lib)
         warnings.filterwarnings("ignore", category=UserWarning, module=lib)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # PEFT imports bitsandbytes when it is installed (the qlora extra); its CPU backend then logs
+    # "Failed to load CPU gemm_4bit_forward from kernels-community" on every verb's start
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import sys
 
     if "transformers" in sys.modules:  # imported already: its settings were read at import

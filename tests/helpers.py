@@ -81,6 +81,18 @@ def make_adapter(
     return out_dir
 
 
+def write_item_conversations(path: Path, n: int = 48) -> Path:
+    """``n`` one-turn "what is item k?" conversations of varied lengths, as a messages JSONL."""
+    import json
+
+    with path.open("w") as f:
+        for k in range(n):
+            user = {"role": "user", "content": f"what is item {k}?"}
+            bot = {"role": "assistant", "content": f"item {k} is " + "very " * (k % 6) + "nice"}
+            f.write(json.dumps({"messages": [user, bot]}) + "\n")
+    return path
+
+
 def qa_examples(tokenizer, n: int) -> list:
     """``n`` tokenised one-turn conversations of varied lengths (assistant tokens labelled)."""
     from loraforge.data.tokenize import encode_conversation

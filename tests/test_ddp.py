@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_item_conversations
 
 from loraforge.config import load_config
 from loraforge.train import checkpoint as ckpt
@@ -36,13 +37,7 @@ TIMEOUT = 300  # a loaded 2-core machine; an idle one runs each launch in ~20 s
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ddp-data") / "train.jsonl"
-    with path.open("w") as f:
-        for k in range(48):
-            user = {"role": "user", "content": f"what is item {k}?"}
-            bot = {"role": "assistant", "content": f"item {k} is " + "very " * (k % 6) + "nice"}
-            f.write(json.dumps({"messages": [user, bot]}) + "\n")
-    return path
+    return write_item_conversations(tmp_path_factory.mktemp("ddp-data") / "train.jsonl")
 
 
 def _args(model: Path, data: Path, out: Path, batch_size: int) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_item_conversations
 
 from loraforge.train import checkpoint as ckpt
 
@@ -32,13 +33,7 @@ app(sys.argv[2:], prog_name="loraforge")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as f:
-        for k in range(48):
-            user = {"role": "user", "content": f"what is item {k}?"}
-            bot = {"role": "assistant", "content": f"item {k} is " + "very " * (k % 6) + "nice"}
-            f.write(json.dumps({"messages": [user, bot]}) + "\n")
-    return path
+    return write_item_conversations(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def _cmd(runner: Path, delay: float, model: Path, data: Path, out: Path) -> list[str]:

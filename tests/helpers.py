@@ -159,3 +159,22 @@ def start_server(app) -> tuple[str, object, threading.Thread]:
         time.sleep(0.05)
     assert server.started, "uvicorn did not start"
     return f"http://127.0.0.1:{port}", server, thread
+
+
+def hf_reference(model, ids: list[int], n: int, eos: int = 2) -> tuple[list[int], object]:
+    """HF's greedy tokens for ``ids`` (up to and including EOS) and the logits [T, V] (float32)
+    each was chosen from: the reference the engine's parity tests compare against."""
+    import torch
+
+    out = model.generate(
+        torch.tensor([ids]),
+        do_sample=False,
+        max_new_tokens=n,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    toks = out.sequences[0, len(ids) :].tolist()
+    t = toks.index(eos) + 1 if eos in toks else len(toks)
+    return toks[:t], torch.stack(out.logits)[:t, 0].float()

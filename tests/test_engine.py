@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bf16_agrees, make_adapter
+from helpers import assert_bf16_agrees, hf_reference, make_adapter
 
 from loraforge.adapters import AdapterError
 from loraforge.infer.engine import Engine, EngineBusy, SamplingParams
@@ -358,23 +358,6 @@ def test_prompt_too_long_and_close(tiny_model_dir):
     eng.close()
     with pytest.raises(UserError, match="closed"):
         eng.submit([5, 6], GREEDY)
-
-
-def hf_reference(model, ids, n, eos=2) -> tuple[list[int], torch.Tensor]:
-    """HF's greedy tokens for ``ids`` (up to and including EOS) and the logits [T, V] (float32)
-    each was chosen from."""
-    out = model.generate(
-        torch.tensor([ids]),
-        do_sample=False,
-        max_new_tokens=n,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    toks = out.sequences[0, len(ids) :].tolist()
-    t = toks.index(eos) + 1 if eos in toks else len(toks)
-    return toks[:t], torch.stack(out.logits)[:t, 0].float()
 
 
 def engine_teacher_forced(eng, prompts, refs, adapter, together) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bf16_agrees, make_adapter
+from helpers import assert_bf16_agrees, hf_reference, make_adapter
 
 N_NEW = 12
 EOS = 2
@@ -101,22 +101,6 @@ def load_hf(model_type, model_dir, dtype, adapter=None):
     return model.eval()
 
 
-def hf_reference(model, ids, n=N_NEW) -> tuple[list[int], torch.Tensor]:
-    """HF's greedy tokens (up to and including EOS) and the logits [T, V] each came from."""
-    out = model.generate(
-        torch.tensor([ids]),
-        do_sample=False,
-        max_new_tokens=n,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    toks = out.sequences[0, len(ids) :].tolist()
-    t = toks.index(EOS) + 1 if EOS in toks else len(toks)
-    return toks[:t], torch.stack(out.logits)[:t, 0].float()
-
-
 def make_runner(model_type, model_dir, adapter, dtype, slots=2):
     from loraforge.infer.runner import Runner
 
@@ -173,8 +157,9 @@ def fp32_case(family):
     """(runner fp32, prompt ids, {adapter name: HF's greedy tokens})."""
     model_type, model_dir, adapter, ids = family
     hf = load_hf(model_type, model_dir, torch.float32)
-    refs = {None: hf_reference(hf, ids)[0]}
-    refs["a"] = hf_reference(load_hf(model_type, model_dir, torch.float32, adapter), ids)[0]
+    refs = {None: hf_reference(hf, ids, N_NEW, EOS)[0]}
+    tuned = load_hf(model_type, model_dir, torch.float32, adapter)
+    refs["a"] = hf_reference(tuned, ids, N_NEW, EOS)[0]
     assert refs[None] != refs["a"], "the adapter must change the greedy tokens"
     assert len(ids) + len(refs[None]) > 2 * 8, "the sequence must pass the sliding windows"
     return make_runner(model_type, model_dir, adapter, torch.float32), ids, refs
@@ -223,7 +208,7 @@ BF16_MARGIN = 0.0625
 def test_bf16_agrees_with_hf(family, adapter):
     model_type, model_dir, adapter_dir, ids = family
     hf = load_hf(model_type, model_dir, torch.bfloat16, adapter_dir if adapter else None)
-    toks, want = hf_reference(hf, ids)
+    toks, want = hf_reference(hf, ids, N_NEW, EOS)
     runner = make_runner(model_type, model_dir, adapter_dir, torch.bfloat16)
     got = runner_logits(runner, [ids], [toks], [adapter])[0]
     checked = assert_bf16_agrees(

@@ -85,7 +85,10 @@ def test_sharegpt_tool_calls(tmp_path):
     }
     conv = only(write_jsonl(tmp_path / "s.jsonl", [rec]))
     assert roles(conv) == ["system", "user", "assistant", "tool", "assistant"]
-    assert conv.messages[2]["content"].startswith('{"name": "add"')
+    assert conv.messages[2]["tool_calls"][0]["function"] == {
+        "name": "add",
+        "arguments": {"a": 1, "b": 2},
+    }
     assert conv.tools == tools
 
 
@@ -262,8 +265,11 @@ def test_messages_with_openai_tool_calls(tmp_path):
     ]
     tools = [{"type": "function", "function": {"name": "add"}}]
     conv = only(write_jsonl(tmp_path / "m.jsonl", [{"messages": msgs, "tools": tools}]))
-    assert conv.messages[1] == {
+    assert conv.messages[1] == {  # one shape for every source of calls (loraforge/tools.py)
         "role": "assistant",
-        "content": '{"name": "add", "arguments": {"a": 1}}',
+        "content": "",
+        "tool_calls": [
+            {"id": None, "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+        ],
     }
     assert conv.tools == tools

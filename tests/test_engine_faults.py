@@ -58,10 +58,10 @@ def test_overflowing_row_fails_alone(engine, adapters):
 def test_sampling_that_raises_fails_alone(engine, monkeypatch):
     real = scheduler.sample
 
-    def flaky(logits, p, gen, history):
+    def flaky(logits, p, *args):
         if p.seed == 666:
             raise RuntimeError("multinomial: invalid distribution")
-        return real(logits, p, gen, history)
+        return real(logits, p, *args)
 
     monkeypatch.setattr(scheduler, "sample", flaky)
     bad = SamplingParams(temperature=1.0, seed=666, max_new_tokens=5)

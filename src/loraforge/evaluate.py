@@ -8,6 +8,10 @@ The identity check asks a question set (built-in zh + en who-are-you questions p
 the training set's, or ``--questions FILE``) through the engine and reports the share of
 answers containing the expected name (case-insensitive) and the share that ended with EOS
 before the token limit (a tuned model that never stops is a classic label-mask bug).
+
+The tool check (``--tools FILE``) asks every assistant turn of held-out tool-calling
+conversations and scores the right function, the right arguments (exact JSON) and no call
+where the data has none.
 """
 
 from __future__ import annotations
@@ -151,5 +155,61 @@ def eval_identity(
         hit_rate=sum(a["hit"] for a in answers) / n,
         eos_rate=sum(a["eos"] for a in answers) / n,
         by_tag=by_tag,
+        answers=answers,
+    )
+
+
+@dataclass
+class ToolsResult:
+    turns: int  # assistant turns asked
+    call_turns: int  # turns where the data has a call
+    answer_turns: int  # turns where it has none (a text answer is due)
+    right_function: float  # of call_turns: the same function(s) called
+    right_arguments: float  # of call_turns: same functions with exactly the same JSON arguments
+    no_call: float  # of answer_turns: no call made
+    answers: list[dict] = field(default_factory=list)  # {"expected", "called", "text"}
+
+
+def eval_tools(
+    engine, path: str, params, *, adapter: str | None = None, strict: bool = False
+) -> ToolsResult:
+    """Ask every assistant turn of held-out tool-calling conversations (the data's own history
+    before it, its tools in the prompt) and read the answer back as the server does (a call
+    counts only if its function is known and its arguments match the schema; tools.py)."""
+    from loraforge.data import load_conversations
+    from loraforge.tools import parse_calls, tool_style
+
+    style = tool_style(engine.prompt_template(adapter))
+    asks = []  # (conversation, turn index)
+    for conv in load_conversations([path], strict=strict):
+        asks += [(conv, i) for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+    if not asks:
+        raise UserError(f"{path}: no assistant turns to ask")
+    prompts = [engine.encode(c.messages[:i], adapter, tools=c.tools) for c, i in asks]
+    results = engine.generate(prompts, params, adapters=adapter)
+    answers = []
+    for (conv, i), res in zip(asks, results, strict=True):
+        want = [
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in conv.messages[i].get("tool_calls") or []
+        ]
+        _, got = parse_calls(style, res.text, conv.tools) if conv.tools else ("", [])
+        answers.append({"expected": want, "called": got, "text": res.text})
+    calls = [a for a in answers if a["expected"]]
+    texts = [a for a in answers if not a["expected"]]
+
+    def share(group: list[dict], ok) -> float:
+        return sum(1 for a in group if ok(a)) / len(group) if group else 0.0
+
+    def names(calls: list[dict]) -> list[str]:
+        return [c["name"] for c in calls]
+
+    return ToolsResult(
+        turns=len(answers),
+        call_turns=len(calls),
+        answer_turns=len(texts),
+        right_function=share(calls, lambda a: names(a["called"]) == names(a["expected"])),
+        right_arguments=share(calls, lambda a: a["called"] == a["expected"]),
+        no_call=share(texts, lambda a: not a["called"]),
         answers=answers,
     )

@@ -120,13 +120,17 @@ def eval_(
     expect_name: str = typer.Option(None, help="Identity check: answers should contain this."),
     questions: str = typer.Option(None, help="Question file for --expect-name (default: zh+en)."),
     model_author: str = typer.Option(None, help="Fills {{AUTHOR}} in selfcog-style datasets."),
+    tools: str = typer.Option(
+        None, help="Tool calling: held-out conversations with tools and tool_calls."
+    ),
     strict: bool = STRICT,
     *,
     sampling: SamplingOptions,
     dtype: str = DTYPE,
     output: str = typer.Option(None, help="Write the figures (and answers) to this JSON file."),
 ) -> None:
-    """Loss and perplexity on a dataset; identity hit-rate with --expect-name."""
+    """Loss and perplexity on a dataset; identity hit-rate with --expect-name; tool-call
+    accuracy with --tools."""
     import json
     from dataclasses import asdict
 
@@ -134,8 +138,10 @@ def eval_(
     from loraforge.evaluate import eval_identity, eval_loss
     from loraforge.infer.engine import open_engine
 
-    if not dataset and not expect_name:
-        raise UserError("nothing to evaluate: pass --dataset X and/or --expect-name NAME")
+    if not dataset and not expect_name and not tools:
+        raise UserError(
+            "nothing to evaluate: pass --dataset X, --expect-name NAME and/or --tools FILE"
+        )
     report = {}
     if dataset:
         r = eval_loss(
@@ -170,6 +176,18 @@ def eval_(
         console.print(
             f"identity '{expect_name}': {ident.hit_rate:.0%} of {ident.questions} answers name "
             f"it{f' ({tags})' if tags else ''}; {ident.eos_rate:.0%} ended with EOS"
+        )
+    if tools:
+        from loraforge.evaluate import eval_tools
+
+        engine, name = open_engine(model, adapter, dtype)
+        with engine:
+            t = eval_tools(engine, tools, sampling.to_params(), adapter=name, strict=strict)
+        report["tools"] = asdict(t)
+        console.print(
+            f"tools: right function {t.right_function:.0%}, right arguments "
+            f"{t.right_arguments:.0%} of {t.call_turns} turns with a call; no call "
+            f"{t.no_call:.0%} of {t.answer_turns} turns without"
         )
     if output:
         with open(output, "w", encoding="utf-8") as f:

@@ -179,28 +179,23 @@ def _openai_messages(record: dict) -> list[dict]:
             role = "tool"
         if role not in ROLES:
             raise RecordProblem(f"{where}: unknown role '{role}' (expected {'/'.join(ROLES)})")
-        content = content_text(msg.get("content"), where)
-        if role == "assistant" and not content.strip() and msg.get("tool_calls"):
-            content = _tool_calls_text(msg["tool_calls"], where)
-        messages.append({"role": role, "content": content})
+        message = {"role": role, "content": content_text(msg.get("content"), where)}
+        if role == "assistant" and msg.get("tool_calls"):
+            message["tool_calls"] = _calls(msg["tool_calls"], f"{where}.tool_calls")
+        if role == "tool" and isinstance(msg.get("tool_call_id"), str):
+            message["tool_call_id"] = msg["tool_call_id"]
+        messages.append(message)
     return messages
 
 
-def _tool_calls_text(calls, where: str) -> str:
-    """OpenAI tool_calls as the JSON text the sharegpt function_call turns carry."""
-    out = []
-    for call in calls if isinstance(calls, list) else []:
-        fn = call.get("function", call) if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or "name" not in fn:
-            raise RecordProblem(f"{where}: tool_calls entry without a function name")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                pass
-        out.append(json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False))
-    return "\n".join(out)
+def _calls(calls, where: str) -> list[dict]:
+    """Tool calls in loraforge's one shape (tools.py), each problem a RecordProblem."""
+    from loraforge.tools import ToolFormatError, normalise_calls
+
+    try:
+        return normalise_calls(_json_field(calls, where), where)
+    except ToolFormatError as e:
+        raise RecordProblem(str(e)) from None
 
 
 def _sharegpt(record: dict) -> list[dict]:
@@ -221,6 +216,10 @@ def _sharegpt(record: dict) -> list[dict]:
             known = "/".join(SHAREGPT_ROLES)
             raise RecordProblem(f"{where}: unknown role '{speaker}' (expected {known})")
         value = turn["value"] if "value" in turn else turn.get("content")
+        if str(speaker).lower() == "function_call":  # {"name", "arguments"} as JSON text
+            calls = _calls(value, where)
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
         messages.append({"role": role, "content": content_text(value, where)})
     return messages
 
@@ -238,7 +237,7 @@ def _tools(value) -> list | None:
 
 def _check(messages: list[dict]) -> None:
     for i, msg in enumerate(messages):
-        if not msg["content"].strip():
+        if not msg["content"].strip() and not msg.get("tool_calls"):
             raise RecordProblem(f"empty content in turn {i + 1} ({msg['role']})")
     if not any(m["role"] == "assistant" for m in messages):
         roles = ", ".join(m["role"] for m in messages) or "none"

@@ -16,11 +16,12 @@ rendering (``assistant_spans``).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
 from loraforge.errors import UserError
+from loraforge.tools import TOOLS_PROMPT as TOOLS_PROMPT  # noqa: F401 - its old home
+from loraforge.tools import render_inputs
 
 IGNORE_INDEX = -100
 
@@ -163,34 +164,9 @@ def strip_think(messages: list[dict]) -> list[dict]:
     ]
 
 
-# For templates that know nothing of tools (SmolLM2's, ChatML): the tool list goes into the
-# system prompt, in the call format the sharegpt function_call turns use, so that a model
-# trained on tool calls sees the definitions it is calling. Chat time renders the same way.
-TOOLS_PROMPT = (
-    "You can call the tools below. To call one, answer with a JSON object "
-    '{"name": <tool name>, "arguments": <arguments object>}.\n'
-)
-
-
-def _tools_in_system(messages: list[dict], tools) -> list[dict]:
-    listing = (
-        tools
-        if isinstance(tools, str)
-        else "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    )
-    text = TOOLS_PROMPT + listing
-    if messages and messages[0]["role"] == "system":
-        first = messages[0]
-        return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
 def _render(tokenizer, template: str, messages: list[dict], gen_prompt: bool, tools=None) -> str:
-    kwargs = {}
-    if tools and "tools" in template:
-        kwargs["tools"] = tools
-    elif tools:
-        messages = _tools_in_system(messages, tools)
+    # tools and tool turns as the template's family writes them (loraforge/tools.py)
+    messages, kwargs = render_inputs(template, messages, tools)
     messages = fold_system(tokenizer, template, messages)
     return _apply(tokenizer, template, messages, gen_prompt, **kwargs)
 

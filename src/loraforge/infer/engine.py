@@ -24,7 +24,7 @@ from loraforge.data.tokenize import DEFAULT_SYSTEM, prompt_ids, stop_token_ids, 
 from loraforge.errors import UserError
 from loraforge.infer.generic import pick_runner
 from loraforge.infer.request import Call, RequestHandle
-from loraforge.infer.sampling import GenerationResult, SamplingParams
+from loraforge.infer.sampling import GenerationResult, SamplingParams, choice_params
 from loraforge.infer.scheduler import EngineStats, Scheduler, StepEvent
 
 T = TypeVar("T")
@@ -207,6 +207,11 @@ class Engine:
         return adapter
 
     # ---- prompts ----------------------------------------------------------------------------
+    def prompt_template(self, adapter: str | None = None) -> str:
+        """The chat template prompts for ``adapter`` render with (its family's tool format)."""
+        name = self._adapter(adapter)
+        return self._meta[name][0] if name else self.template
+
     def encode(self, messages: list[dict], adapter: str | None = None, tools=None) -> list[int]:
         """Prompt ids rendered with the template/system recorded for ``adapter``."""
         name = self._adapter(adapter)
@@ -228,6 +233,24 @@ class Engine:
         block: bool = False,
     ) -> RequestHandle:
         """Queue a request for the worker; raises EngineBusy when the queue is full."""
+        return self.submit_n(prompt_ids, params, adapter, 1, block=block)[0]
+
+    def submit_n(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        n: int = 1,
+        *,
+        block: bool = False,
+        out: queue.Queue | None = None,
+        index: int = 0,
+    ) -> list[RequestHandle]:
+        """``n`` completions of one prompt (OpenAI's ``n``), the prompt prefilled once; with a
+        seed, choice i samples with seed + i. Given a queue ``out``, they put their deltas there
+        (several requests may share one; iterate ``request.merged(handles)``), numbered from
+        ``index``; else each has its own (iterate each). One place in the request queue:
+        EngineBusy when it is full."""
         if self._closed:
             raise UserError("the engine is closed")
         params = params or SamplingParams()
@@ -238,13 +261,26 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens exceeds the model's context "
                 f"({self.runner.max_len} tokens)"
             )
-        handle = RequestHandle(list(prompt_ids), params, self._adapter(adapter), self.tokenizer)
+        name, ids = self._adapter(adapter), list(prompt_ids)
+        if params.grammar is not None:  # compiled here (cached), not on the worker: a bad
+            from loraforge.infer.constrain import check  # schema fails this call alone
+
+            check(params.grammar, self.tokenizer)
+        handles = [
+            RequestHandle(
+                ids, choice_params(params, i), name, self.tokenizer, out=out, index=index + i
+            )
+            for i in range(n)
+        ]
+        handles[0].forks = handles[1:]
+        for fork in handles[1:]:
+            fork.parent = handles[0]
         try:
-            self._queue.put(handle, block=block)
+            self._queue.put(handles[0], block=block)
         except queue.Full:
             raise EngineBusy("the engine is busy (request queue full); retry later") from None
         self._wake.set()
-        return handle
+        return handles
 
     def generate(
         self,

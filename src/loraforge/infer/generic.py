@@ -19,6 +19,7 @@ from tensors ``lora_bank.read_lora`` has read and checked (safetensors only, sha
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -104,6 +105,21 @@ class GenericRunner:
         """Hand a slot's cache to another slot (keeps the running rows contiguous)."""
         self.caches[dst], self.caches[src] = self.caches[src], None
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Give slot ``dst`` a copy of ``src``'s first ``length`` positions (choices of one
+        prompt); raises where HF's cache cannot be cut back (a sliding window moved past)."""
+        cache = self.caches[src]
+        extra = cache.get_seq_length() - length
+        # a sliding-window layer has dropped old positions and cannot give them back
+        if extra < 0 or (extra and any(type(la).__name__ != "DynamicLayer" for la in cache.layers)):
+            raise RuntimeError(f"slot {src} cannot be cut back to {length} positions")
+        if src != dst:
+            cache = copy.deepcopy(cache)
+        if extra:  # transformers 5.24 takes the count to remove (< 0), earlier the length to keep
+            by_count = "tokens_to_remove" in inspect.signature(cache.crop).parameters
+            cache.crop(-extra if by_count else length)
+        self.caches[dst] = cache
+
     # ---- adapters ---------------------------------------------------------------------------
     def read_adapter(self, path: str) -> dict:
         """A PEFT LoRA dir read and checked against this model's adapted projections."""
@@ -149,7 +165,9 @@ class GenericRunner:
         return hook
 
     # ---- forward ----------------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, cache, start: int, adapter: dict | None):
+    def _forward(
+        self, tokens: torch.Tensor, cache, start: int, adapter: dict | None, every: bool = False
+    ):
         positions = torch.arange(start, start + tokens.shape[1], device=self.device)[None]
         self._row = adapter
         try:
@@ -157,19 +175,25 @@ class GenericRunner:
                 input_ids=tokens,
                 position_ids=positions,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every else 1,  # 0: every position's (echo)
                 **{self._cache_arg: cache},
             )
         finally:
             self._row = None
-        return out.logits[:, -1].float()
+        return out.logits[0].float() if every else out.logits[:, -1].float()
 
     @torch.inference_mode()
     def prefill(
-        self, tokens: torch.Tensor, slot: int, lora: list | None, start: int = 0
+        self,
+        tokens: torch.Tensor,
+        slot: int,
+        lora: list | None,
+        start: int = 0,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Run prompt ``tokens`` [1, T] at positions start.. into slot ``slot`` (its cache holds
-        the ``start`` positions before); logits [1, V] of the last token."""
+        the ``start`` positions before); logits [1, V] of the last token, or [T, V] of every
+        token with ``all_logits`` (echo)."""
         from transformers import DynamicCache
 
         if start == 0:  # as HF generate makes it: sliding-window layers where the config has them
@@ -177,7 +201,7 @@ class GenericRunner:
         cache = self.caches[slot]
         if cache is None or cache.get_seq_length() != start:
             raise RuntimeError(f"slot {slot} holds no cache of {start} positions to continue")
-        return self._forward(tokens, cache, start, lora[0] if lora else None)
+        return self._forward(tokens, cache, start, lora[0] if lora else None, all_logits)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: list[int], lora: list | None) -> torch.Tensor:

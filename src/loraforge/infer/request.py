@@ -14,9 +14,23 @@ _DONE = object()
 
 
 class RequestHandle:
-    """One submitted request: iterate for text deltas, ``result()`` for the whole result."""
+    """One submitted request: iterate for text deltas, ``result()`` for the whole result.
 
-    def __init__(self, prompt: list[int], params: SamplingParams, adapter: str | None, tok):
+    Requests given one output queue ``out`` (the choices of a streamed request) are iterated
+    together with ``merged`` and told apart by ``index``. Choices of one prompt (OpenAI's ``n``,
+    ``Engine.submit_n``): the first carries the others in ``forks`` until its prompt has run,
+    then each continues from a copy of its KV rows (the prompt is prefilled once)."""
+
+    def __init__(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        adapter: str | None,
+        tok,
+        *,
+        out: queue.Queue | None = None,
+        index: int = 0,
+    ):
         self.prompt = prompt
         self.params = params
         self.adapter = adapter
@@ -29,7 +43,16 @@ class RequestHandle:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None  # when the first token was sampled (for TTFT / bench)
         self.t_done: float | None = None
-        self._deltas: queue.Queue = queue.Queue()
+        self.index = index
+        self.shared = out is not None  # the queue is a group's: ``merged`` reads it, not iter()
+        self._out: queue.Queue = queue.Queue() if out is None else out
+        # logprobs.TokenLogprob per completion token / prompt token, when params ask for them
+        self.logprobs: list | None = None if params.logprobs is None else []
+        self.prompt_logprobs: list | None = None
+        self.forks: list[RequestHandle] = []  # the other choices of this prompt, until it ran
+        self.parent: RequestHandle | None = None  # a fork: the choice whose prompt KV it copies
+        self.first_logits = None  # a fork waiting for a slot: the logits of its first token
+        self.matcher = None  # constrain.Matcher of params.grammar, made by the scheduler
         self._done = threading.Event()
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
@@ -39,8 +62,10 @@ class RequestHandle:
         self.cancelled = True
 
     def __iter__(self) -> Iterator[str]:
+        if self.shared:
+            raise TypeError("this request shares its output queue: iterate merged(handles)")
         while True:
-            item = self._deltas.get()
+            _, item, _ = self._out.get()
             if item is _DONE:
                 if self._error is not None:
                     raise self._error
@@ -60,8 +85,15 @@ class RequestHandle:
 
     # worker side
     def _emit(self, delta: str) -> None:
-        if delta:
-            self._deltas.put(delta)
+        if delta:  # with the logprob entries it covers: ``merged`` hands them out with it
+            self._out.put((self, delta, self._scored()))
+
+    def _scored(self) -> int:
+        return 0 if self.logprobs is None else len(self.logprobs)
+
+    def take_forks(self) -> list[RequestHandle]:
+        forks, self.forks = self.forks, []
+        return forks
 
     def _finish(self, reason: str) -> None:
         self.t_done = time.perf_counter()
@@ -72,14 +104,37 @@ class RequestHandle:
             finish_reason=reason,
             prompt_tokens=len(self.prompt),
             completion_tokens=len(self.tokens),
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs,
         )
         self._done.set()
-        self._deltas.put(_DONE)
+        self._out.put((self, _DONE, self._scored()))
 
     def _fail(self, error: BaseException) -> None:
+        for fork in self.take_forks():  # its prompt never ran: the same request, the same error
+            fork._fail(error)
         self._error = error
         self._done.set()
-        self._deltas.put(_DONE)
+        self._out.put((self, _DONE, self._scored()))
+
+
+def merged(handles: list[RequestHandle]) -> Iterator[tuple[RequestHandle, str, list | None, bool]]:
+    """(handle, text delta, its new logprob entries or None, finished) as the worker produces
+    them, over ``handles`` that share one output queue; ends when all have finished. A finished
+    handle's ``result()`` is ready (and raises its error)."""
+    out = handles[0]._out
+    sent = dict.fromkeys(handles, 0)
+    left = len(handles)
+    while left:
+        h, item, n = out.get()
+        new = None
+        if h.logprobs is not None:
+            new, sent[h] = h.logprobs[sent[h] : n], n
+        if item is _DONE:
+            left -= 1
+            yield h, "", new, True
+        else:
+            yield h, item, new, False
 
 
 class Call:

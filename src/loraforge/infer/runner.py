@@ -189,6 +189,12 @@ class Runner:
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Give slot ``dst`` the first ``length`` positions of ``src`` (choices of one prompt);
+        positions past ``length`` are never read (a row attends over its own length only)."""
+        if src != dst:
+            self.move_slot(src, dst, length)
+
     # ---- adapters (infer/lora_bank.py) -------------------------------------------------------
     def read_adapter(self, path: str) -> dict:
         """A PEFT LoRA dir read and checked against this model's layers and projection shapes."""
@@ -233,15 +239,20 @@ class Runner:
 
     @torch.inference_mode()
     def prefill(
-        self, tokens: torch.Tensor, slot: int, lora: list | None, start: int = 0
+        self,
+        tokens: torch.Tensor,
+        slot: int,
+        lora: list | None,
+        start: int = 0,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Run prompt ``tokens`` [1, T] at positions start.. into KV slot ``slot`` (whose
         positions before ``start`` are filled already: a long prompt comes in chunks); logits
-        [1, V] of its last token."""
+        [1, V] of its last token, or [T, V] of every token with ``all_logits`` (echo)."""
         T = tokens.shape[1]
         rope = {k: (c[start : start + T][None, None], s[start : start + T][None, None])
                 for k, (c, s) in self.rope.items()}  # fmt: skip
-        return self._layers(tokens, rope, lora, slot=slot, start=start)
+        return self._layers(tokens, rope, lora, slot=slot, start=start, every=all_logits)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: list[int], lora: list | None) -> torch.Tensor:
@@ -274,7 +285,9 @@ class Runner:
     def _caps(self) -> tuple:
         return self.scale, self.attn_cap
 
-    def _layers(self, tokens, rope, lora, slot=None, pos=None, spans=None, start=0) -> torch.Tensor:
+    def _layers(
+        self, tokens, rope, lora, slot=None, pos=None, spans=None, start=0, every=False
+    ) -> torch.Tensor:
         B, T = tokens.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         nq, nk, ng = self.nq, self.nk, self.ng
@@ -324,7 +337,7 @@ class Runner:
             gu = self._linear(h, layer, "gu", lo, q4)
             y = self._linear(self.act(gu[..., :ng]) * gu[..., ng:], layer, "down", lo, q4)
             x = x + (nm["mlp_out"](y) if "mlp_out" in nm else y)
-        h = self.norm(x[:, -1])
+        h = self.norm(x[0] if every else x[:, -1])  # every: one prompt's T positions
         logits = Int4.mm(h, self.lm_head_q4) if q4 else self.mm.linear(h, self.lm_head)
         if self.final_cap is not None:  # Gemma 2: in the model's dtype, as HF caps them
             logits = torch.tanh(logits / self.final_cap) * self.final_cap

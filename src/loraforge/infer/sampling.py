@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -11,6 +12,7 @@ import torch
 # to_params() makes a SamplingParams; defined in loraforge.config so the CLI reads its fields
 # without importing torch.
 from loraforge.config import SamplingOptions as SamplingOptions
+from loraforge.infer.constrain import GrammarSpec
 
 
 @dataclass
@@ -24,6 +26,18 @@ class SamplingParams:
     stop: list[str] = field(
         default_factory=list
     )  # extra stop strings (EOS/end-of-turn always stop)
+    # OpenAI's: added to the raw logits (id -> -100..100; +100 forces a token, -100 bans it)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # OpenAI's, over the tokens generated so far (not the prompt): minus presence_penalty for a
+    # token that occurred, minus frequency_penalty times its count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0  # vLLM's: drop tokens below min_p x the top token's probability
+    grammar: GrammarSpec | None = None  # constrained decoding (infer/constrain.py); None: free
+    # None: off; k >= 0: each completion token's logprob and the k likeliest (infer/logprobs.py)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo); costs a prefill
+    # in chunks of logprobs.PROMPT_LOGPROBS_CHUNK with every position's logits
 
 
 @dataclass
@@ -33,10 +47,31 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    # a logprobs.TokenLogprob per token of token_ids, and the stop token's that ended it, if any
+    # (as vLLM's: a scorer asking for one token needs an entry even when that one is EOS)
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None  # one per prompt token (the first: logprob None)
+
+
+def choice_params(p: SamplingParams, i: int) -> SamplingParams:
+    """Choice ``i`` of ``n`` (OpenAI's ``n``): with a seed it samples with seed + i, so the
+    choices differ and each is reproducible (vLLM gives them one generator; loraforge's are per
+    request, whatever is batched)."""
+    if i == 0 or p.seed is None:
+        return p
+    return replace(p, seed=(p.seed + i + 2**63) % 2**64 - 2**63)  # stays an int64
 
 
 def is_greedy(p: SamplingParams) -> bool:
-    return p.temperature <= 0 and p.repetition_penalty == 1.0
+    """The row's token is the argmax of its raw (masked) logits: nothing reshapes them."""
+    return p.temperature <= 0 and not reshapes(p)
+
+
+def reshapes(p: SamplingParams) -> bool:
+    """Whether a setting moves scores relative to each other before the argmax / draw."""
+    return bool(
+        p.repetition_penalty != 1.0 or p.logit_bias or p.presence_penalty or p.frequency_penalty
+    )
 
 
 def make_generator(p: SamplingParams) -> torch.Generator | None:
@@ -53,10 +88,14 @@ MIN_TEMPERATURE = 1e-5
 
 
 def sample(
-    logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None, history: list[int]
+    logits: torch.Tensor,
+    p: SamplingParams,
+    gen: torch.Generator | None,
+    history: list[int],
+    generated: Sequence[int] = (),
 ) -> int:
     """One token from a row of float32 logits [V], like HF's logits processors in HF's order."""
-    scores = warp(logits, p, history)
+    scores = warp(logits, p, history, generated)
     if p.temperature < MIN_TEMPERATURE:
         return int(scores.argmax())
     probs = scores.softmax(-1).cpu()
@@ -65,15 +104,29 @@ def sample(
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def warp(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> torch.Tensor:
-    """The scores tokens are drawn from: repetition penalty, temperature, top-k, top-p, in the
-    order and with the arithmetic of HF's logits processors (tested against them). Scores an
-    extreme setting pushes past float range are clamped, never left NaN."""
+def warp(
+    logits: torch.Tensor, p: SamplingParams, history: list[int], generated: Sequence[int] = ()
+) -> torch.Tensor:
+    """The scores tokens are drawn from: logit bias, repetition penalty, presence and frequency
+    penalties (vLLM's order), then temperature, top-k, top-p, min-p, in the order and with the
+    arithmetic of HF's logits processors (tested against them). ``history`` is what the
+    repetition penalty sees (prompt and completion, as HF), ``generated`` the completion only
+    (OpenAI's penalties). Scores an extreme setting pushes past float range are clamped, never
+    left NaN; a token the grammar masked (-inf) stays masked whatever its bias."""
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        bias = torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        keep = ids < logits.shape[-1]  # an id past the vocabulary biases nothing
+        logits = logits.index_add(0, ids[keep], bias[keep].to(logits.dtype))
     if p.repetition_penalty != 1.0 and history:
         ids = torch.tensor(history, device=logits.device)
         score = logits.gather(0, ids)
         score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
         logits = logits.scatter(0, ids, score)
+    if (p.presence_penalty or p.frequency_penalty) and generated:
+        ids, counts = torch.tensor(list(generated), device=logits.device).unique(return_counts=True)
+        penalty = counts.to(logits.dtype) * p.frequency_penalty + p.presence_penalty
+        logits = logits.index_add(0, ids, -penalty)
     if p.temperature < MIN_TEMPERATURE:
         return _finite(logits)
     logits = _finite(logits / p.temperature)
@@ -86,6 +139,9 @@ def warp(logits: torch.Tensor, p: SamplingParams, history: list[int]) -> torch.T
         drop = cum <= 1 - p.top_p
         drop[-1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     return logits
 
 

@@ -46,12 +46,32 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def usage(r) -> dict:
+def usage(r, n: int = 1) -> dict:
+    """Token counts of a result, or of a list of choices, ``n`` per prompt in prompt order: each
+    prompt counts once, as its prefill ran once (OpenAI counts it once too)."""
+    rs = r if isinstance(r, list) else [r]
+    prompt = sum(x.prompt_tokens for x in rs[::n])
+    completion = sum(x.completion_tokens for x in rs)
     return {
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "total_tokens": r.prompt_tokens + r.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
+
+
+def _chunks(handles: list):
+    """(handle, text or delta dict, new logprob entries or None, finished) over the choices of
+    a stream: request handles sharing an output queue interleave as the engine produces them;
+    wrappers (serve/tool_calls.py) give their items one choice after the other."""
+    from loraforge.infer.request import RequestHandle, merged
+
+    if all(isinstance(h, RequestHandle) for h in handles):
+        yield from merged(handles)
+        return
+    for h in handles:
+        for item in h:
+            yield h, item, None, False
+        yield h, "", None, True
 
 
 class Server:
@@ -131,7 +151,8 @@ class Server:
         from loraforge.infer.sampling import SamplingOptions
 
         kw = {"max_new_tokens": max_new}
-        for field in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        fields = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "min_p")
+        for field in (*fields, "presence_penalty", "frequency_penalty"):
             if getattr(req, field, None) is not None:
                 kw[field] = getattr(req, field)
         try:  # the request schema checks the ranges, but lets through e.g. an infinite penalty
@@ -142,28 +163,95 @@ class Server:
             raise APIError(
                 400, f"{field}: {err['msg']}", param=field, code="invalid_value"
             ) from None
-        return options.to_params(stop=list(getattr(req, "stop", None) or []))
+        return options.to_params(
+            stop=list(getattr(req, "stop", None) or []), logit_bias=self.logit_bias(req)
+        )
 
-    async def encode_chat(self, messages: list[dict], adapter: str | None) -> list[int]:
+    def logit_bias(self, req) -> dict[int, float]:
+        """``logit_bias`` with int keys; an id outside the vocabulary is a 400 (as vLLM)."""
+        bias = {int(k): float(v) for k, v in (getattr(req, "logit_bias", None) or {}).items()}
+        vocab = len(self.engine.tokenizer)
+        bad = [k for k in bias if k >= vocab]
+        if bad:
+            raise APIError(
+                400,
+                f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        return bias
+
+    def response_grammar(self, req):
+        """The GrammarSpec of ``response_format``, compiled now (cached; the first compile
+        builds the tokenizer's table, seconds: run it off the event loop), or None."""
+        from loraforge.infer.constrain import GrammarError, check
+
+        fmt = getattr(req, "response_format", None)
+        spec = fmt.grammar() if fmt is not None else None
+        if spec is None:
+            return None
+        try:
+            check(spec, self.engine.tokenizer)
+        except GrammarError as e:
+            param = "response_format.json_schema.schema"
+            raise APIError(400, f"{param}: {e}", param=param, code="invalid_schema") from None
+        return spec
+
+    async def encode_chat(
+        self, messages: list[dict], adapter: str | None, tools: list[dict] | None = None
+    ) -> list[int]:
+        import functools
+
         from loraforge.adapters import AdapterError
         from loraforge.errors import UserError
 
         msgs = [
             {**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages
         ]
+        kw = {"tools": tools} if tools else {}  # the tool list, rendered as the family does
         try:
-            return await self.run_blocking(self.engine.encode, msgs, adapter)
+            return await self.run_blocking(
+                functools.partial(self.engine.encode, msgs, adapter, **kw)
+            )
         except UserError as e:  # e.g. a template that refuses this sequence of roles
             if isinstance(e, AdapterError):  # bug fix: unloaded since pick(), was a 400; 404 now
                 self.pick(adapter)
             raise APIError(400, str(e), param="messages", code="invalid_messages") from None
 
+    async def completion_prompts(self, prompts: list) -> list[list[int]]:
+        """Each prompt's token ids: strings tokenized (no template), token-id prompts checked
+        against the vocabulary (a 400 naming the prompt and the position)."""
+        tok = self.engine.tokenizer
+        vocab = len(tok)
+        for i, p in enumerate(prompts):
+            if isinstance(p, list):
+                bad = next((j for j, t in enumerate(p) if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise APIError(
+                        400,
+                        f"prompt[{i}][{bad}]: token id {p[bad]} is not in the vocabulary "
+                        f"(0..{vocab - 1})",
+                        param="prompt",
+                        code="invalid_token_id",
+                    )
+
+        def encode() -> list[list[int]]:
+            return [list(p) if isinstance(p, list) else tok(p)["input_ids"] for p in prompts]
+
+        return await self.run_blocking(encode)
+
     def submit(self, ids: list[int], sp, adapter: str | None):
+        return self.submit_n(ids, sp, adapter)[0]
+
+    def submit_n(self, ids: list[int], sp, adapter: str | None, n: int = 1, **kw) -> list:
+        """``n`` choices of one prompt (``Engine.submit_n``: ``out``, ``index``), or a 503/404."""
         from loraforge.adapters import AdapterError
         from loraforge.infer.engine import EngineBusy
 
         try:
-            return self.engine.submit(ids, sp, adapter)
+            if n == 1 and kw.get("out") is None:  # one plain request: the engine's first door
+                return [self.engine.submit(ids, sp, adapter)]
+            return self.engine.submit_n(ids, sp, adapter, n, **kw)
         except AdapterError:  # unloaded between the name check and now
             self.pick(adapter)
             raise
@@ -177,34 +265,67 @@ class Server:
 
     async def wait(self, handle, request: Request):
         """The handle's result; if the client goes away first, cancel the generation."""
-        fut = asyncio.ensure_future(self.run_blocking(handle.result))
+        return (await self.wait_all([handle], request))[0]
+
+    async def wait_all(self, handles: list, request: Request) -> list:
+        """Every handle's result, in order; if the client goes away or one fails, the rest are
+        cancelled."""
+
+        def results() -> list:
+            try:
+                return [h.result() for h in handles]
+            except BaseException:
+                for h in handles:
+                    h.cancel()
+                raise
+
+        fut = asyncio.ensure_future(self.run_blocking(results))
         while True:
             done, _ = await asyncio.wait({fut}, timeout=0.5)
             if done:
                 return fut.result()
             if await request.is_disconnected():
-                handle.cancel()
+                for h in handles:
+                    h.cancel()
                 raise APIError(499, "client closed the request")
 
-    def stream(self, handle, head: dict, piece, include_usage: bool) -> StreamingResponse:
-        """SSE: one chunk per delta, a last one with finish_reason, optional usage, [DONE]."""
+    def stream(
+        self, handles, head: dict, piece, include_usage: bool, n: int = 1
+    ) -> StreamingResponse:
+        """SSE: one chunk per delta, a last one per choice with its finish_reason, optional
+        usage, [DONE]. ``handles``: one handle (or a wrapper with its ``__iter__``, ``result``
+        and ``cancel``), or a list of choices, ``n`` per prompt (see ``_chunks``), whose chunks
+        interleave, each with its index. ``piece(text, finish, role=False, index=0,
+        logprobs=None)`` is one choice of a chunk (None: nothing to send); ``logprobs``: the
+        logprobs.TokenLogprob entries of the tokens behind the text."""
+        handles = handles if isinstance(handles, list) else [handles]
         state = {"finished": False}
         server = self
 
         async def events():
-            it = iter(handle)
-            first = piece("", None, role=True)
-            if first is not None:
-                yield sse({**head, "choices": [first]})
+            it = _chunks(handles)
+            indexes = {id(h): getattr(h, "index", i) for i, h in enumerate(handles)}
+            for h in handles:
+                first = piece("", None, role=True, index=indexes[id(h)])
+                if first is not None:
+                    yield sse({**head, "choices": [first]})
+            results = []
             try:
-                while (delta := await server.run_blocking(next, it, _END)) is not _END:
-                    if delta:
-                        yield sse({**head, "choices": [piece(delta, None)]})
-                r = await server.run_blocking(handle.result)
+                while (item := await server.run_blocking(next, it, _END)) is not _END:
+                    h, delta, lps, done = item
+                    index = indexes[id(h)]
+                    if done:  # its result is ready (or raises its error)
+                        r = h.result()
+                        results.append((index, r))
+                        yield sse({**head, "choices": [piece("", r.finish_reason, index=index,
+                                                              logprobs=lps)]})  # fmt: skip
+                    elif delta:
+                        chunk = piece(delta, None, index=index, logprobs=lps)
+                        yield sse({**head, "choices": [chunk]})
                 state["finished"] = True
-                yield sse({**head, "choices": [piece("", r.finish_reason)]})
                 if include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(r)})
+                    ordered = [r for _, r in sorted(results, key=lambda x: x[0])]
+                    yield sse({**head, "choices": [], "usage": usage(ordered, n)})
             except Exception as e:  # the status line is sent already: report in-band
                 yield sse(error_body(f"generation failed: {e}", type="server_error"))
             yield "data: [DONE]\n\n"
@@ -215,6 +336,7 @@ class Server:
                     await super().__call__(scope, receive, send)
                 finally:
                     if not state["finished"]:  # the client went away: stop generating for it
-                        handle.cancel()
+                        for h in handles:
+                            h.cancel()
 
         return _Stream(events(), media_type="text/event-stream")

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from loraforge.data.formats import RecordProblem, normalise
+from loraforge.data.preference import is_preference, normalise_pair
 from loraforge.data.selfcog import placeholders
 from loraforge.data.sources import DataError, files_of, parse_spec, read_records
 
@@ -34,7 +35,11 @@ def check_file(path, shown: str) -> FileCheck:
             try:
                 if raw.problem:
                     raise RecordProblem(raw.problem)
-                fmt, messages, _ = normalise(raw.value)
+                if is_preference(raw.value):  # chosen/rejected: `dpo` data (data/preference.py)
+                    shape, pair = normalise_pair(raw.value)
+                    fmt, messages = f"preference {shape}", pair.chosen + pair.rejected[-1:]
+                else:
+                    fmt, messages, _ = normalise(raw.value)
             except RecordProblem as e:
                 result.problems.append(f"{raw.where}: {e}")
                 result.bad_records += 1
@@ -70,6 +75,8 @@ def doctor(paths: list[str], echo=print, limit: int | None = 20) -> int:
     for r in results:
         counts = ", ".join(f"{fmt} {n}" for fmt, n in r.formats.most_common())
         echo(f"{r.name}: {r.records} records ({counts or 'no usable records'})")
+        if any(fmt.startswith("preference") for fmt in r.formats):
+            echo("  chosen/rejected pairs: train them with loraforge dpo")
         if r.with_placeholders:
             echo(
                 f"  {r.with_placeholders} records have {{{{NAME}}}}/{{{{AUTHOR}}}} placeholders: "

@@ -7,7 +7,7 @@ checkpoint's data position and sees exactly the batches the killed run would hav
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -73,9 +73,17 @@ def collate(cfg: SFTConfig, examples: list[Example], pad_id: int) -> dict[str, t
 
 
 def train_batches(
-    cfg: SFTConfig, train: list[Example], pad_id: int, start: int, rank: int = 0, world: int = 1
+    cfg: SFTConfig,
+    train: list,
+    pad_id: int,
+    start: int,
+    rank: int = 0,
+    world: int = 1,
+    collate_fn: Callable[[list], dict] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches from global index ``start`` on; rank r of w takes every w-th one."""
+    """Micro-batches from global index ``start`` on; rank r of w takes every w-th one.
+    ``collate_fn`` (dpo's pairs) replaces ``collate(cfg, examples, pad_id)``."""
+    collate_fn = collate_fn or (lambda examples: collate(cfg, examples, pad_id))
     per_epoch = micro_batches_per_epoch(len(train), cfg.batch_size)
     m = start * world + rank
     order_epoch, order = -1, []
@@ -84,7 +92,7 @@ def train_batches(
         if epoch != order_epoch:
             order_epoch, order = epoch, epoch_order(len(train), cfg.seed, epoch)
         idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        yield collate(cfg, [train[j] for j in idx], pad_id)
+        yield collate_fn([train[j] for j in idx])
         m += world
 
 

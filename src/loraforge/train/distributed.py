@@ -48,9 +48,10 @@ def check_launch() -> None:
         )
 
 
-def relaunch(cfg: SFTConfig) -> int:
-    """Run this `sft` as ``cfg.nproc`` processes through torch.distributed.run and wait: the
-    resolved config goes to a temp YAML that every process reads. Returns the exit code."""
+def relaunch(cfg: SFTConfig, verb: str = "sft") -> int:
+    """Run this `sft` (or ``verb``: dpo) as ``cfg.nproc`` processes through
+    torch.distributed.run and wait: the resolved config goes to a temp YAML that every process
+    reads. Returns the exit code."""
     threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     with tempfile.TemporaryDirectory(prefix="loraforge-nproc-") as tmp:
@@ -58,7 +59,7 @@ def relaunch(cfg: SFTConfig) -> int:
         config.write_text(cfg.to_yaml())
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(cfg.nproc), "-m", "loraforge.cli", "sft",
+            "--nproc_per_node", str(cfg.nproc), "-m", "loraforge.cli", verb,
             "--config", str(config),
         ]  # fmt: skip
         return subprocess.run(cmd, env=env).returncode

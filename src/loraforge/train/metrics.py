@@ -92,15 +92,17 @@ def plot_loss(output: Path) -> Path | None:
     return out
 
 
-def progress_bar(disable: bool = False) -> Progress:
-    """step/total, loss, learning rate, tokens/s, elapsed and ETA."""
+def progress_bar(disable: bool = False, title: str = "sft") -> Progress:
+    """step/total, loss, learning rate, tokens/s, the task's ``extra`` field (dpo: reward margin
+    and accuracy), elapsed and ETA."""
     return Progress(
-        TextColumn("[bold]sft[/bold]"),
+        TextColumn(f"[bold]{title}[/bold]"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("lr {task.fields[lr]}"),
         TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("{task.fields[extra]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -71,7 +71,11 @@ def lr_schedule(cfg: SFTConfig, optimizer: torch.optim.Optimizer, total_steps: i
 
 
 class SFTRecipe:
-    """One `sft` run: call ``run()``, or the stages in its order (tests drive single stages)."""
+    """One `sft` run: call ``run()``, or the stages in its order (tests drive single stages).
+    train/dpo.py's DPORecipe overrides the data and loss hooks (make_loss, batch_stream,
+    split_batch, window_extras) and evaluation."""
+
+    verb = "sft"  # the progress bar's name
 
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
@@ -164,9 +168,12 @@ class SFTRecipe:
         micro_batches = cfg.epochs * self.per_epoch  # first: epochs * (x / y) can round past n
         self.total_steps = cfg.max_steps or math.ceil(micro_batches / (cfg.grad_accum * self.world))
         self.scheduler = lr_schedule(cfg, optimizer, self.total_steps)
-        self.loss_model, self.optimizer = self.accelerator.prepare(
-            SFTLoss(self.model, fast=cfg.fast), optimizer
-        )
+        self.loss_model, self.optimizer = self.accelerator.prepare(self.make_loss(), optimizer)
+
+    def make_loss(self) -> torch.nn.Module:
+        """The module whose forward(**piece) is a piece's mean loss; it holds the model as
+        ``.model`` (save() strips that prefix)."""
+        return SFTLoss(self.model, fast=self.cfg.fast)
 
     def resume(self) -> None:
         """Restore the checkpoint, if any (weights, optimizer, schedule, RNG, position), and
@@ -181,9 +188,11 @@ class SFTRecipe:
                     f"--resume: {self.resume_from} was trained with {self.state.world} "
                     f"process(es), this run has {self.world}: use the same count or --overwrite"
                 )
-        self.batches = train_batches(
-            self.cfg, self.train_set, self.pad_id, self.state.micro_step, rank, self.world
-        )
+        self.batches = self.batch_stream(self.state.micro_step, rank)
+
+    def batch_stream(self, start: int, rank: int):
+        """This rank's micro-batches from micro-batch ``start`` on (train/data.py)."""
+        return train_batches(self.cfg, self.train_set, self.pad_id, start, rank, self.world)
 
     def setup_logging(self) -> None:
         """Print what is about to run; open metrics.jsonl + TensorBoard (main process only)."""
@@ -222,10 +231,11 @@ class SFTRecipe:
         self.resume()
         self.setup_logging()
         cfg, state = self.cfg, self.state
-        with progress_bar(disable=not self.main) as self.bar:
+        with progress_bar(disable=not self.main, title=self.verb) as self.bar:
             self.task = self.bar.add_task(
-                "sft", total=self.total_steps, completed=state.step, loss="-", lr="-", tps="-"
-            )
+                self.verb, total=self.total_steps, completed=state.step, loss="-", lr="-", tps="-",
+                extra="",
+            )  # fmt: skip
             while state.step < self.total_steps:
                 step = self.train_step()
                 self.throughput.add(step)
@@ -252,10 +262,9 @@ class SFTRecipe:
         for _ in range(cfg.grad_accum):
             batch = next(self.batches)
             step_tokens += int(batch.pop("num_tokens"))
-            labelled += labelled_tokens(batch["labels"])
-            pieces += (
-                backward_pieces(batch, self.pad_id, cfg.max_length) if cfg.fast else [(batch, 1.0)]
-            )
+            batch_pieces, units = self.split_batch(batch)
+            labelled += units
+            pieces += batch_pieces
         # DDP averages the ranks' gradients; scaling each rank's loss by world x its share of
         # the global batch's labelled tokens makes that the token mean of the global batch, as
         # one process with a world-times-larger batch computes it (tests/test_ddp.py).
@@ -286,6 +295,14 @@ class SFTRecipe:
         state.train_seconds += dt
         return StepFigures(step_loss, int(all_tokens), dt, lr, grad_norm)
 
+    def split_batch(self, batch: dict) -> tuple[list[tuple[dict, float]], int]:
+        """(pieces to run forward + backward on one at a time, each with its share of the
+        micro-batch's loss; how many units the loss is the mean over): labelled tokens here."""
+        labelled = labelled_tokens(batch["labels"])
+        if not self.cfg.fast:
+            return [(batch, 1.0)], labelled
+        return backward_pieces(batch, self.pad_id, self.cfg.max_length), labelled
+
     def evaluate(self) -> float:
         """Validation loss: the training loss (no dropout) weighted by labelled tokens; rank r
         scores every world-th batch."""
@@ -307,6 +324,7 @@ class SFTRecipe:
             return
         state, tp = self.state, self.throughput
         tps, mean_loss = tp.window_tokens_per_s, tp.window_loss
+        extras, shown = self.window_extras()
         self.metrics.log(
             state.step,
             train_loss=mean_loss,
@@ -318,14 +336,22 @@ class SFTRecipe:
             train_run_tokens=tp.run_tokens,  # this process's run (resumes start afresh)
             train_run_seconds=tp.run_seconds,  # step time only: no loading, eval, saving
             train_seconds=state.train_seconds,
+            **extras,
         )
-        self.bar.update(self.task, loss=fmt_loss(mean_loss), lr=f"{step.lr:.2e}", tps=f"{tps:,.0f}")
+        self.bar.update(
+            self.task, loss=fmt_loss(mean_loss), lr=f"{step.lr:.2e}", tps=f"{tps:,.0f}", extra=shown
+        )
         if not console.is_terminal:
             console.print(
                 f"step {state.step}/{self.total_steps} loss {mean_loss:.4f} lr {step.lr:.2e} "
-                f"{tps:,.0f} tok/s"
+                f"{tps:,.0f} tok/s" + (f"  {shown}" if shown else "")
             )
         tp.reset_window()
+
+    def window_extras(self) -> tuple[dict[str, float], str]:
+        """More figures of the logging window for metrics.jsonl, and their short form for the
+        progress line (dpo's rewards); called on the main process at each logged step."""
+        return {}, ""
 
     def record_val(self, loss: float) -> None:
         """Log a validation loss and keep track of the best step (its checkpoint is kept)."""

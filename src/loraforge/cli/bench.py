@@ -33,10 +33,24 @@ def bench_generate(
     dtype: str = DTYPE,
     json_out: str = JSON_OUT,
     markdown: str = MARKDOWN,
+    against: str = typer.Option(
+        None,
+        help="Other servers to run side by side with `loraforge serve`: vllm,llama.cpp "
+        "(each one that is installed).",
+    ),
+    json_schema: str = typer.Option(
+        None,
+        help="A JSON schema file: instead, constrained vs free decode speed in one run "
+        "(1 stream each; N rows all free, one constrained, all constrained).",
+    ),
 ) -> None:
     """Decode tokens/s (1 and N streams) vs HF generate, and adapter-switch latency."""
     from loraforge.bench.generate import append_markdown, print_result, run_bench, write_json
 
+    if json_schema:
+        return _constrained(model, json_schema, streams, max_new_tokens, dtype, json_out)
+    if against:
+        return _against(model, against, streams, max_new_tokens, json_out, markdown)
     res = run_bench(
         model, adapters, max_new_tokens, streams, dtype, repeats=repeats, progress=_progress
     )
@@ -45,6 +59,34 @@ def bench_generate(
         write_json(res, Path(json_out))
     if markdown:
         append_markdown(res, Path(markdown))
+
+
+def _constrained(model, schema_file: str, streams: int, max_new: int, dtype, json_out) -> None:
+    import json
+
+    from loraforge.bench.grammar import constrained_vs_free, load_schema
+
+    res = constrained_vs_free(model, load_schema(schema_file), streams, max_new, dtype)
+    console.print_json(json.dumps(res))
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def _against(model, against: str, streams: int, max_new: int, json_out, markdown) -> None:
+    import json
+
+    from loraforge.bench import against as ag
+
+    sides = [s.strip() for s in against.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in ag.BACKENDS]
+    if unknown:
+        raise typer.BadParameter(f"--against {','.join(unknown)}: one of {', '.join(ag.BACKENDS)}")
+    res = ag.run_against(model, sides, streams, max_new, progress=_progress)
+    ag.print_against(res)
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
+    if markdown:
+        ag.append_markdown(res, Path(markdown))
 
 
 @app.command("train")

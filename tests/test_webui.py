@@ -1,4 +1,5 @@
-"""`loraforge webui` in a real headless Chromium (Debian's chromium + chromium-driver, Selenium).
+"""The Studio's Chat and Compare tabs in a real headless Chromium (Debian's chromium +
+chromium-driver, Selenium); the whole train-and-chat flow is tests/test_studio_browser.py.
 
 The page must load, a chat message must get a reply that arrives in several steps (streamed),
 and the compare tab must answer with the base and the adapter side by side. Screenshots are kept
@@ -40,11 +41,13 @@ def test_cli_does_not_import_gradio():
 @pytest.fixture(scope="module")
 def ui_url(tiny_model_dir, tmp_path_factory):
     from loraforge.infer.engine import Engine
-    from loraforge.webui.app import CSS, build_ui
+    from loraforge.webui.app import CSS, build_studio
+    from loraforge.webui.jobs import JobStore
 
     adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("runs") / "grace", seed=1)
     engine = Engine(str(tiny_model_dir), {"grace": str(adapter)}, dtype="float32")
-    demo = build_ui(engine, default_model="grace")
+    home = tmp_path_factory.mktemp("studio-home")
+    demo = build_studio(engine, JobStore(home), home / "data", default_chat="grace")
     demo.queue(default_concurrency_limit=4)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -97,11 +100,23 @@ def wait_for(fn, timeout: float = 90.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def open_tab(browser, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait_for(
+        lambda: [
+            b for b in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == name
+        ],
+        what=f"the {name} tab",
+    )[0].click()
+
+
 def test_chat_streams_a_reply(ui_url, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     browser.get(ui_url)
+    open_tab(browser, "Chat")
     box = wait_for(
         lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-input textarea"), what="chat input"
     )[0]
@@ -139,13 +154,7 @@ def test_compare_tab_answers_side_by_side(ui_url, browser):
     from selenium.webdriver.common.by import By
 
     browser.get(ui_url)
-    tab = wait_for(
-        lambda: [
-            b for b in browser.find_elements(By.CSS_SELECTOR, "button") if b.text == "Compare"
-        ],
-        what="the Compare tab",
-    )[0]
-    tab.click()
+    open_tab(browser, "Compare")
     question = wait_for(
         lambda: [
             e
@@ -175,16 +184,17 @@ def test_compare_tab_answers_side_by_side(ui_url, browser):
     assert final[0] != final[1]  # base and adapter answer differently
 
 
-def test_cli_webui_subprocess(tiny_model_dir):
-    """`loraforge webui` itself: binds 127.0.0.1 and serves the page."""
+@pytest.mark.parametrize("verb", ["studio", "webui"])
+def test_cli_studio_subprocess(tiny_model_dir, tmp_path, verb):
+    """`loraforge studio` (and its former name `webui`): binds 127.0.0.1 and serves the page."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "loraforge.cli", "webui", "--model", str(tiny_model_dir)]
+    cmd = [sys.executable, "-m", "loraforge.cli", verb, "--model", str(tiny_model_dir)]
     cmd += ["--port", str(port), "--dtype", "float32"]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "LORAFORGE_HOME": str(tmp_path)}
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -195,7 +205,8 @@ def test_cli_webui_subprocess(tiny_model_dir):
             return _get(httpx, f"http://127.0.0.1:{port}/")
 
         page = wait_for(up, what="the web UI")
-        assert "loraforge" in page.text
+        assert "loraforge studio" in page.text
+        assert (tmp_path / "studio" / "jobs.sqlite").is_file()  # the job DB under the home
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -1,5 +1,5 @@
-"""`loraforge serve` (loraforge.serve.run: the OpenAI-compatible API) and `loraforge webui`
-(loraforge.webui.app: the Gradio UI)."""
+"""`loraforge serve` (loraforge.serve.run: the OpenAI-compatible API) and `loraforge studio`
+(loraforge.webui.app: the Gradio Studio; `webui` is its former name)."""
 
 from __future__ import annotations
 
@@ -42,13 +42,39 @@ def serve(
         None, help="Browser origin allowed to call the API (repeatable; '*' for any; off)."
     ),
     dtype: str = DTYPE,
+    backend: str = typer.Option(
+        "loraforge", help="loraforge (its own engine) | vllm (vLLM's server behind the same API)."
+    ),
+    vllm_python: str = typer.Option(
+        None,
+        envvar="LORAFORGE_VLLM_PYTHON",
+        help="Python of the venv that has vLLM (default: .venv-vllm/bin/python if present).",
+    ),
 ) -> None:
     """OpenAI-compatible API: one base model, many adapters picked by the request's model."""
-    from loraforge.errors import require
+    from loraforge.errors import UserError, require
 
     require("fastapi", "serve")
     require("uvicorn", "serve")
     from loraforge.serve.run import parse_adapters
+
+    if backend == "vllm":
+        from loraforge.serve.vllm_backend import serve_vllm
+
+        return serve_vllm(
+            model,
+            parse_adapters(adapter),
+            host=host,
+            port=port,
+            api_key=api_key,
+            adapter_root=adapter_root,
+            max_batch=max_batch,
+            dtype=dtype,
+            cors_origins=cors_origin,
+            vllm_python=vllm_python,
+        )
+    if backend != "loraforge":
+        raise UserError(f"--backend {backend}: loraforge or vllm")
     from loraforge.serve.run import serve as run_server
 
     run_server(
@@ -68,7 +94,7 @@ def serve(
 
 @app.command()
 @user_errors
-def webui(
+def studio(
     model: str = BASE,
     adapter: list[str] = ADAPTERS,
     host: str = HOST,
@@ -78,8 +104,15 @@ def webui(
         None, envvar="LORAFORGE_API_KEY", help="Ask for this password (any user name) to log in."
     ),
     dtype: str = DTYPE,
+    data_dir: str = typer.Option(
+        None, help="Dir of dataset files to pick from; uploads go here (default: studio home)."
+    ),
+    runs_dir: str = typer.Option(
+        None, help="Where jobs write their adapter dirs (default: $LORAFORGE_HOME/studio/runs)."
+    ),
+    max_jobs: int = typer.Option(1, min=1, help="Jobs training at once; the rest wait."),
 ) -> None:
-    """A Gradio web UI: chat with an adapter picker, and a base-vs-adapters compare tab."""
+    """The Studio in the browser: data check, training jobs, chat and compare, merge."""
     from loraforge.errors import require
 
     require("gradio", "webui")
@@ -94,4 +127,11 @@ def webui(
         max_batch=max_batch,
         dtype=dtype,
         api_key=api_key,
+        data_dir=data_dir,
+        runs_dir=runs_dir,
+        max_jobs=max_jobs,
     )
+
+
+# the verb's former name, kept so existing scripts and muscle memory still work
+app.command("webui", hidden=True, help="The same as `loraforge studio`.")(studio)

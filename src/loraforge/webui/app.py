@@ -1,36 +1,32 @@
-"""`loraforge webui`: a Gradio app over one Engine: chat with any adapter, and a compare tab.
+"""`loraforge studio`: the no-code path in a Gradio page. Data (upload, the doctor's verdict, a
+preview of the trained spans), Train (model, preset, every SFTConfig field, the equivalent
+command), Jobs (jobs.py: each a `loraforge sft` process; live loss chart, Stop/Resume/Delete,
+Merge) and Chat/Compare (chat.py), where a finished job's adapter appears by itself.
 
-Gradio takes seconds to import, so only this module imports it, and only when called. Replies
-go through ``Engine.submit`` like the API server's: several browser tabs, or the columns of the
-compare tab, are decoded in one batch. Stopping a reply (or closing the tab) cancels it.
+Gradio takes seconds to import, so only this package imports it, and only when called. Every
+handler returns at once: training runs in its own process, the page polls files once a second.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
+from pathlib import Path
 
-CSS = "footer {display: none !important}"
+from loraforge.webui.jobs import JobStore
 
-
-def _text(content) -> str:
-    """Gradio 6 gives message content as [{"type": "text", "text": ...}, ...] (or a str); file
-    parts carry no text and are left out."""
-    from loraforge.data.formats import content_text
-
-    return content_text(content, skip_other=True)
+CSS = """
+footer {display: none !important}
+mark.trained {background: #bbf7d0; color: #14532d}
+span.prompt {color: #6b7280}
+.example .source {font-size: 12px; color: #6b7280}
+"""
 
 
-def _params(temperature: float, top_p: float, max_tokens: float, seed):
-    from loraforge.infer.sampling import SamplingOptions
+def studio_home() -> Path:
+    """The Studio's DB and job dirs: ``$LORAFORGE_HOME/studio`` (models.py's home)."""
+    from loraforge.models import home
 
-    return SamplingOptions(
-        max_new_tokens=int(max_tokens),
-        temperature=float(temperature),
-        top_p=float(top_p),
-        seed=None if seed in (None, "") or int(seed) < 0 else int(seed) % 2**63,
-    ).to_params()
+    return home() / "studio"
 
 
 def _password_check(key: str):
@@ -43,109 +39,148 @@ def _password_check(key: str):
     return check
 
 
-def build_ui(engine, default_model: str | None = None):
+def _control(gr, name: str):
+    """The form control of one SFTConfig field: labelled with its flag, its help as info."""
+    from loraforge.cli.options import flag
+    from loraforge.config import SFTConfig
+    from loraforge.webui.settings import field_kind, form_value
+
+    kind, choices = field_kind(name)
+    kw = {
+        "label": flag(name),
+        "info": SFTConfig.model_fields[name].description,
+        "value": form_value(name),
+        "elem_id": f"cfg-{name}",
+    }
+    if kind == "bool":
+        return gr.Checkbox(**kw)
+    if kind == "choice":
+        return gr.Dropdown(choices, **kw)
+    if kind in ("int", "float"):
+        return gr.Number(precision=0 if kind == "int" else None, **kw)
+    return gr.Textbox(**kw)
+
+
+def build_studio(engine, store: JobStore, data_dir: Path, *, default_chat: str | None = None):
     """The Gradio Blocks app (not launched). ``engine`` follows loraforge.infer.engine.Engine."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from loraforge.errors import UserError
+    from loraforge.models import list_models
+    from loraforge.webui import handlers
+    from loraforge.webui.chat import chat_tabs
+    from loraforge.webui.dataview import data_files
+    from loraforge.webui.settings import ADVANCED_FIELDS, MAIN_FIELDS, PRESETS
 
-    base = engine.base_name
-    models = [base, *engine.adapter_names()]
+    data_dir = Path(data_dir)
+    h = handlers.Handlers(engine, store, data_dir)
+    models = [m.name for m in list_models() if "missing" not in m.kind]
+    train_model = engine.model_spec
+    models = models if train_model in models else [train_model, *models]
 
-    def adapter_of(name: str) -> str | None:
-        return None if name in (None, "", base) else name
-
-    def start(messages: list[dict], name: str, params):
-        adapter = adapter_of(name)
-        try:
-            return engine.submit(engine.encode(messages, adapter), params, adapter)
-        except UserError as e:  # busy engine, prompt too long, unloaded adapter
-            raise gr.Error(str(e)) from None
-
-    def chat(message: str, history: list, model, system, temperature, top_p, max_tokens, seed):
-        messages = [{"role": m["role"], "content": _text(m["content"])} for m in history]
-        messages.append({"role": "user", "content": _text(message)})
-        if system and system.strip():  # else the adapter's own training-time system prompt
-            messages.insert(0, {"role": "system", "content": system.strip()})
-        handle = start(messages, model, _params(temperature, top_p, max_tokens, seed))
-        text = ""
-        try:
-            for delta in handle:
-                text += delta
-                yield text
-        finally:
-            handle.cancel()  # a no-op once finished; stops generation if the user pressed stop
-
-    def compare(question: str, chosen: list[str], temperature, top_p, max_tokens, seed):
-        if not question or not question.strip():
-            raise gr.Error("Type a question first.")
-        params = _params(temperature, top_p, max_tokens, seed)
-        messages = [{"role": "user", "content": question}]
-        # all submitted at once, so they are decoded in one batch
-        handles = {name: start(messages, name, params) for name in models if name in chosen}
-        texts = dict.fromkeys(handles, "")
-
-        def drain(name: str) -> None:
-            for delta in handles[name]:
-                texts[name] += delta
-
-        readers = [threading.Thread(target=drain, args=(n,), daemon=True) for n in handles]
-        for t in readers:
-            t.start()
-
-        def snapshot():
-            return [gr.Textbox(value=texts.get(n, ""), visible=n in handles) for n in models]
-
-        try:
-            while any(t.is_alive() for t in readers):
-                yield snapshot()
-                time.sleep(0.1)
-            yield snapshot()
-        finally:
-            for h in handles.values():
-                h.cancel()
-
-    with gr.Blocks(title="loraforge", analytics_enabled=False) as demo:
-        gr.Markdown(f"## loraforge · base model `{base}`")
-        with gr.Tab("Chat"):
-            with gr.Row():
-                picker = gr.Dropdown(
-                    models,
-                    value=default_model if default_model in models else models[-1],
-                    label="Model (base or adapter)",
-                    elem_id="model-picker",
+    with gr.Blocks(title="loraforge studio", analytics_enabled=False) as demo:
+        gr.Markdown(f"## loraforge studio · chat base model `{engine.base_name}`")
+        datasets = gr.State([])
+        with gr.Tabs() as tabs:
+            with gr.Tab("Data", id="data"):
+                with gr.Row():
+                    upload = gr.File(
+                        label="Drop a dataset here (.jsonl .json .csv .parquet)",
+                        file_types=[".jsonl", ".json", ".csv", ".parquet"],
+                        elem_id="data-upload",
+                    )
+                    with gr.Column():
+                        pick = gr.Dropdown(
+                            data_files(data_dir),
+                            value=None,
+                            label=f"or pick a file under {data_dir}",
+                            elem_id="data-pick",
+                        )
+                        with gr.Row():
+                            name = gr.Textbox(label="--model-name", elem_id="selfcog-name")
+                            author = gr.Textbox(label="--model-author", elem_id="selfcog-author")
+                        selfcog = gr.Button("Use the self-cognition set", elem_id="use-selfcog")
+                verdict = gr.Textbox(
+                    label="Data doctor", lines=8, interactive=False, elem_id="doctor"
                 )
-                system = gr.Textbox(
-                    label="System prompt (blank: the adapter's own)", elem_id="system"
+                lengths = gr.Markdown(elem_id="lengths")
+                preview = gr.HTML(elem_id="preview")
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    model = gr.Dropdown(
+                        models,
+                        value=train_model,
+                        allow_custom_value=True,
+                        label="--model (bundled, cached, or a local path)",
+                        elem_id="cfg-model",
+                    )
+                    shown_data = gr.Textbox(
+                        label="--dataset (from the Data tab)", interactive=False, elem_id="dataset"
+                    )
+                    job_name = gr.Textbox(label="Job name", elem_id="job-name")
+                preset = gr.Radio(list(PRESETS), value="new identity", label="Preset")
+                with gr.Row():
+                    main = [_control(gr, n) for n in MAIN_FIELDS]
+                with gr.Accordion("Advanced: the same names as the CLI flags", open=False):
+                    advanced = []
+                    for i in range(0, len(ADVANCED_FIELDS), 4):
+                        with gr.Row():
+                            advanced += [_control(gr, n) for n in ADVANCED_FIELDS[i : i + 4]]
+                command = gr.Textbox(
+                    label="The same run from a terminal",
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="sft-command",
                 )
-            with gr.Accordion("Sampling", open=False):
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
-                seed = gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed")
-            gr.ChatInterface(
-                chat,
-                additional_inputs=[picker, system, temperature, top_p, max_tokens, seed],
-                chatbot=gr.Chatbot(elem_id="chatbot", height=420),
-                textbox=gr.Textbox(placeholder="Type a message…", elem_id="chat-input"),
-                fill_height=False,
-            )
-        with gr.Tab("Compare"):
-            question = gr.Textbox(label="Question", elem_id="compare-question")
-            chosen = gr.CheckboxGroup(models, value=models, label="Models")
-            with gr.Row():
-                c_temp = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature")
-                c_top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
-                c_max = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
-                c_seed = gr.Number(0, precision=0, label="Seed (same for all)")
-            go = gr.Button("Compare", variant="primary", elem_id="compare-go")
-            with gr.Row():
-                boxes = [
-                    gr.Textbox(label=n, lines=8, interactive=False, elem_id=f"compare-{i}")
-                    for i, n in enumerate(models)
-                ]
-            go.click(compare, [question, chosen, c_temp, c_top_p, c_max, c_seed], boxes)
+                start = gr.Button(
+                    "Start training", variant="primary", interactive=False, elem_id="start"
+                )
+                start_msg = gr.Markdown(elem_id="start-msg")
+            with gr.Tab("Jobs", id="jobs"):
+                table = gr.Dataframe(
+                    headers=["id", "name", "state", "progress"],
+                    value=h.table(),
+                    interactive=False,
+                    elem_id="jobs",
+                )
+                job = gr.Dropdown(h.job_choices(), label="Job", elem_id="job-pick")
+                status = gr.Markdown(elem_id="job-status")
+                chart = gr.HTML(elem_id="loss-chart")
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="job-stop")
+                    resume = gr.Button("Resume", elem_id="job-resume")
+                    delete = gr.Button("Delete (job and adapter dir)", elem_id="job-delete")
+                    merge = gr.Button("Merge into a full model", elem_id="job-merge")
+                    gguf = gr.Button("Export GGUF (llama.cpp)", elem_id="job-gguf")
+                action = gr.Markdown(elem_id="job-msg")
+                log = gr.Textbox(label="Log (tail)", lines=12, interactive=False, elem_id="job-log")
+            controls = chat_tabs(engine, default_chat)
+        timer = gr.Timer(1.0)
+
+        fields = [model, name, author, datasets, *main, *advanced]
+        h.field_names = ["model", "model_name", "model_author", "dataset"]
+        h.field_names += [*MAIN_FIELDS, *ADVANCED_FIELDS]
+        checked = [datasets, shown_data, verdict, lengths, preview, start]
+        upload.upload(h.on_upload, [upload, *fields], [*checked, pick, upload])
+        pick.input(h.on_pick, [pick, *fields], checked)
+        selfcog.click(h.on_selfcog, fields, checked)
+        preset.input(h.on_preset, [preset], main)
+        gr.on([c.change for c in fields], h.on_settings, fields, command)
+        start.click(h.on_start, [job_name, *fields], [start_msg, job, tabs])
+        job_view = [status, chart, log]
+        job.change(h.on_job, [job], job_view)
+        stop.click(h.on_stop, [job], action)
+        resume.click(h.on_resume, [job], action)
+        delete.click(h.on_delete, [job], [action, job])
+        merge.click(h.on_merge, [job], action)
+        gguf.click(h.on_gguf, [job], action)
+        seen = gr.State({})  # what this tab was last sent: unchanged parts are skipped
+        timer.tick(
+            h.on_tick,
+            [job, seen],
+            [table, job, *job_view, controls.picker, controls.chosen, seen],
+        )
+        demo.load(h.on_settings, fields, command)
     return demo
 
 
@@ -158,19 +193,31 @@ def launch(
     max_batch: int = 8,
     dtype: str | None = None,
     api_key: str | None = None,
+    data_dir: str | None = None,
+    runs_dir: str | None = None,
+    max_jobs: int = 1,
 ) -> None:
-    """Load the base model and adapters once, then serve the UI until interrupted."""
+    """Load the chat model and adapters once, then serve the Studio until interrupted. Jobs
+    keep running when it stops; the next start finds them."""
     from loraforge.console import err_console
     from loraforge.infer.engine import Engine
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err_console.print(
-            f"[yellow]warning:[/yellow] the web UI listens on {host} without --api-key: "
-            "anyone who can reach it can use the model"
+            f"[yellow]warning:[/yellow] the studio listens on {host} without --api-key: "
+            "anyone who can reach it can train and use models"
         )
+    home = studio_home()
+    store = JobStore(home, Path(runs_dir) if runs_dir else None, max_running=max_jobs)
+    store.start_scheduler()
     engine = Engine(model, adapters, dtype=dtype, max_batch=max_batch)
     try:
-        demo = build_ui(engine, default_model=next(iter(adapters), None))
+        demo = build_studio(
+            engine,
+            store,
+            Path(data_dir) if data_dir else home / "data",
+            default_chat=next(iter(adapters), None),
+        )
         # Gradio runs one event at a time per handler unless told otherwise: let as many chats
         # stream at once as the engine batches
         demo.queue(default_concurrency_limit=max(max_batch, 4))
@@ -182,4 +229,5 @@ def launch(
             auth=_password_check(api_key) if api_key else None,
         )
     finally:
+        store.close()
         engine.close()

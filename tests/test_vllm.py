@@ -226,9 +226,9 @@ def _start(args: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()  # the serve process stops its vLLM child in its `finally`
+    proc.terminate()  # the serve process stops its vLLM child in its `finally` (<= 40 s)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
 

@@ -2,10 +2,10 @@
 
     models                          here
     data doctor, data distill       cli/data.py
-    sft                             cli/train.py
+    sft, dpo                        cli/train.py
     chat, infer, compare, eval      cli/infer.py
-    merge                           cli/export.py
-    serve, webui                    cli/serve.py
+    merge, export gguf              cli/export.py
+    serve, studio (alias webui)     cli/serve.py
     bench generate, bench train     cli/bench.py
 
 Each verb is a short function calling one module below. Flags that set a config object's

@@ -164,7 +164,9 @@ def vllm_command(
 def start_vllm(argv: list[str], env: dict[str, str], port: int, log=None) -> subprocess.Popen:
     """Start vLLM in its own process group (it spawns an engine-core process) and wait until
     /health answers; a vLLM that exits first is one line naming its exit code."""
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -189,20 +191,40 @@ def _healthy(port: int) -> bool:
         conn.close()
 
 
-def stop_vllm(proc: subprocess.Popen) -> None:
-    """SIGTERM to vLLM's process group (the group this process made for it), SIGKILL after
-    30 s."""
+def _die_with_parent() -> None:
+    """In vLLM's process, before exec: SIGKILL it when loraforge's serve process dies, however
+    that dies (a SIGKILL leaves no `finally` to run; seen: orphaned vLLM servers after a test
+    killed the serve process mid-shutdown). Linux's PR_SET_PDEATHSIG; elsewhere a no-op."""
+    import ctypes
     import signal
 
-    if proc.poll() is not None:
-        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def stop_vllm(proc: subprocess.Popen) -> None:
+    """SIGTERM to vLLM's process group (the group this process made for it, its engine-core
+    processes included), SIGKILL to the group after 10 s: a vLLM busy shutting down on a loaded
+    CPU was seen ignoring SIGTERM for minutes."""
+    import signal
+
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # whatever is left of the group (engine core, multiprocessing's resource tracker)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
         pass
 
 

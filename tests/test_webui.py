@@ -218,3 +218,37 @@ def _get(httpx, url: str):
         return r if r.status_code == 200 else None
     except httpx.TransportError:
         return None
+
+
+def test_cli_studio_api_key_guards_the_page(tiny_model_dir, tmp_path):
+    """`studio --api-key K`: nothing but the login form without it; any user name with K logs in."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "loraforge.cli", "studio", "--model", str(tiny_model_dir)]
+    cmd += ["--port", str(port), "--dtype", "float32", "--api-key", "s3cret"]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "LORAFORGE_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up():
+            assert proc.poll() is None, proc.stdout.read()
+            return _get(httpx, f"{url}/")
+
+        wait_for(up, what="the studio")
+        assert httpx.get(f"{url}/config").status_code == 401  # the app's config needs a login
+        with httpx.Client() as c:
+            bad = c.post(f"{url}/login", data={"username": "me", "password": "guess"})
+            assert bad.status_code >= 400
+            good = c.post(f"{url}/login", data={"username": "me", "password": "s3cret"})
+            assert good.status_code == 200, good.text[:300]
+            config = c.get(f"{url}/config")
+            assert config.status_code == 200 and "loraforge studio" in config.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -329,3 +329,35 @@ def test_vllm_answers_like_loraforge(tmp_path):
             _assert_bf16_rule(want, got, tops, f"merged, {q!r}")
     finally:
         _stop(proc)
+
+
+def test_stop_vllm_ends_children_that_ignore_sigterm(tmp_path):
+    """vLLM's engine-core processes were seen surviving their leader's SIGTERM (orphans holding
+    3 GB each): stop_vllm must leave nothing of the group alive."""
+    from loraforge.serve.vllm_backend import start_vllm_process, stop_vllm
+
+    pidfile = tmp_path / "child.pid"
+    script = (
+        "import os, signal, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    proc = start_vllm_process([sys.executable, "-c", script], dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.1)
+    child = int(pidfile.read_text())
+    stop_vllm(proc)
+    time.sleep(0.5)
+    assert _state(child) in ("gone", "Z"), "the child outlived stop_vllm"
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ("Z": dead, not yet reaped by init), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

@@ -164,9 +164,7 @@ def vllm_command(
 def start_vllm(argv: list[str], env: dict[str, str], port: int, log=None) -> subprocess.Popen:
     """Start vLLM in its own process group (it spawns an engine-core process) and wait until
     /health answers; a vLLM that exits first is one line naming its exit code."""
-    proc = subprocess.Popen(
-        argv, env=env, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent
-    )
+    proc = start_vllm_process(argv, env, log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -176,6 +174,13 @@ def start_vllm(argv: list[str], env: dict[str, str], port: int, log=None) -> sub
         time.sleep(1.0)
     stop_vllm(proc)
     raise VLLMError(f"vLLM did not answer /health within {START_TIMEOUT_S:.0f} s")
+
+
+def start_vllm_process(argv: list[str], env: dict[str, str], log=None) -> subprocess.Popen:
+    """vLLM in a process group of its own (stop_vllm ends the whole group), killed with us."""
+    return subprocess.Popen(
+        argv, env=env, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent
+    )
 
 
 def _healthy(port: int) -> bool:

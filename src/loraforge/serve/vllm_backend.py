@@ -251,8 +251,6 @@ def serve_vllm(
     log_level: str = "info",
 ) -> None:
     """Start vLLM with the base model and adapters loraforge would serve, then the proxy."""
-    import uvicorn
-
     from loraforge.adapters import prompt_format, read_meta, resolve_adapter
     from loraforge.bench.served import free_port
     from loraforge.console import console
@@ -297,6 +295,21 @@ def serve_vllm(
         console.print(f"serving {names} through vLLM on http://{host}:{port}/v1")
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             console.print("[yellow]warning:[/yellow] listening beyond localhost without --api-key")
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
+        serve_until_stopped(app, host, port, log_level)
     finally:
         stop_vllm(proc)
+
+
+def serve_until_stopped(app, host: str, port: int, log_level: str = "info") -> None:
+    """uvicorn.run that returns on SIGTERM, so the caller's ``finally`` stops vLLM. uvicorn
+    (0.29+) re-raises a SIGTERM it caught once it has shut down; with the default handler that
+    kills this process on the spot, and vLLM's engine-core processes were found orphaned after
+    `kill PID` of the serve process (3 GB each, busy). Here the re-raised signal exits cleanly."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)

@@ -34,7 +34,7 @@ setup-gguf: setup
 	$(BIN)/loraforge export gguf --setup
 
 test-gguf: setup-gguf
-	$(BIN)/python -m pytest -s tests/test_export_gguf.py
+	$(BIN)/python -m pytest -s tests/test_export_gguf.py tests/test_bench_against.py
 
 lint: setup
 	$(BIN)/ruff check src tests

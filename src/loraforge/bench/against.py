@@ -3,12 +3,15 @@
 Each server runs as its own process on 127.0.0.1, one after the other (never two at once: they
 would share this machine's cores), and gets the same chat requests over HTTP: greedy, one stream,
 then ``streams`` streams at once; tokens/s is the completion tokens the server reports over the
-wall time. Ratios are against loraforge's own server in the same run.
-- loraforge: `loraforge serve` (its engine);
-- vllm: `loraforge serve --backend vllm` (vLLM's CPU build behind loraforge's proxy), when a
-  python with vLLM is found (serve/vllm_backend.py);
-- llama.cpp: `python -m llama_cpp.server` on the GGUF the model was converted from, when
-  llama-cpp-python is installed (its own quantization, so its answers are not the same tokens).
+wall time. Ratios are against loraforge's own server in the same run. With ``adapter`` every
+server answers through that LoRA adapter (the deployed case), else through the base model.
+- loraforge: `loraforge serve` (its engine, ``dtype``);
+- vllm: `loraforge serve --backend vllm` (vLLM's CPU build behind loraforge's proxy, bf16), when
+  a python with vLLM is found (serve/vllm_backend.py);
+- llama.cpp: llama-cpp-python's server on an f16 GGUF of the base written by `export gguf`
+  (llama.cpp's converter, so 16-bit weights like the others, not the bundled file's Q4_1), and
+  the adapter as a GGUF LoRA (``--lora-only``), when llama-cpp-python and its server extras
+  are installed. That server decodes one request at a time: its 8-stream figure says so.
 """
 
 from __future__ import annotations
@@ -27,12 +30,21 @@ from loraforge.bench.served import Client, free_port, stop_server
 BACKENDS = ("vllm", "llama.cpp")
 
 
-def _server_cmd(side: str, model: str, port: int, vllm_python: str | None) -> list[str] | str:
+SERVED_NAME = "bench"  # the adapter's name on every server, and what requests ask for
+LLAMA_SERVER_DEPS = ("pydantic_settings", "sse_starlette", "starlette_context")
+
+
+def _server_cmd(
+    side: str, model: str, adapter: str | None, dtype: str | None, port: int, tmp: Path,
+    vllm_python: str | None,
+) -> list[str] | str:  # fmt: skip
     """The command line for ``side``, or why it cannot run here."""
     lf = [sys.executable, "-m", "loraforge.cli", "serve", "--model", model, "--port", str(port)]
     lf += ["--api-key", "soak-key"]  # bench/served.Client sends this key
+    if adapter:
+        lf += ["--adapter", f"{SERVED_NAME}={adapter}"]
     if side == "loraforge":
-        return lf
+        return lf + (["--dtype", dtype] if dtype else [])
     if side == "vllm":
         from loraforge.serve.vllm_backend import VLLMError, find_vllm_python
 
@@ -41,18 +53,35 @@ def _server_cmd(side: str, model: str, port: int, vllm_python: str | None) -> li
         except VLLMError as e:
             return f"vllm: {e}"
     if side == "llama.cpp":
-        if importlib.util.find_spec("llama_cpp") is None:
-            return "llama.cpp: not installed"
-        from loraforge.models import _source_of, resolve_model
-
-        gguf = _source_of(resolve_model(model))
-        if not gguf or not Path(gguf).is_file():
-            return f"llama.cpp: {model} was not converted from a GGUF file"
-        return [
-            sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-            "--n_threads", "2", "--n_ctx", "2048", "--api_key", "soak-key",
-        ]  # fmt: skip
+        return _llama_cpp_cmd(model, adapter, port, tmp)
     raise ValueError(side)
+
+
+def _llama_cpp_cmd(model: str, adapter: str | None, port: int, tmp: Path) -> list[str] | str:
+    from loraforge.errors import UserError
+    from loraforge.export.gguf import export_gguf
+    from loraforge.models import resolve_model
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama.cpp: llama-cpp-python is not installed (`loraforge export gguf --setup`)"
+    missing = [m for m in LLAMA_SERVER_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        return (
+            f"llama.cpp: its server needs {', '.join(missing)} "
+            "(`pip install pydantic-settings sse-starlette 'starlette-context<0.4'`)"
+        )
+    base, lora = tmp / "base-f16.gguf", tmp / "adapter.gguf"
+    try:
+        export_gguf(base, model=resolve_model(model), check=False, echo=lambda m: None)
+        if adapter:
+            export_gguf(lora, adapter=adapter, lora_only=True, echo=lambda m: None)
+    except UserError as e:
+        return f"llama.cpp: {e}"
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(base), "--port", str(port),
+        "--n_threads", "2", "--n_ctx", "2048", "--api_key", "soak-key",
+    ]  # fmt: skip
+    return cmd + (["--lora_path", str(lora)] if adapter else [])
 
 
 def _wait(port: int, proc: subprocess.Popen, log: Path, limit: float = 900) -> None:
@@ -87,21 +116,25 @@ def _tps(port: int, model: str, n: int, max_new: int) -> float:
     return tokens / (time.perf_counter() - t)
 
 
-def measure(side: str, model: str, streams: int, max_new: int, repeats: int, vllm_python=None):
+def measure(
+    side: str, model: str, adapter: str | None, dtype: str | None, streams: int, max_new: int,
+    repeats: int, vllm_python: str | None = None,
+) -> dict:  # fmt: skip
     """{"one": tok/s, "many": tok/s} for one server (best of ``repeats``), or {"skipped": why}."""
     port = free_port()
-    cmd = _server_cmd(side, model, port, vllm_python)
-    if isinstance(cmd, str):
-        return {"skipped": cmd}
+    asked = SERVED_NAME if adapter else model
     with tempfile.TemporaryDirectory() as tmp:
+        cmd = _server_cmd(side, model, adapter, dtype, port, Path(tmp), vllm_python)
+        if isinstance(cmd, str):
+            return {"skipped": cmd}
         log = Path(tmp) / "server.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait(port, proc, log)
-            _request(port, model, PROMPTS[0], 8)  # warm-up
-            one = max(_tps(port, model, 1, max_new) for _ in range(repeats))
-            many = max(_tps(port, model, streams, max_new) for _ in range(repeats))
+            _request(port, asked, PROMPTS[0], 8)  # warm-up
+            one = max(_tps(port, asked, 1, max_new) for _ in range(repeats))
+            many = max(_tps(port, asked, streams, max_new) for _ in range(repeats))
             return {"one": one, "many": many}
         except RuntimeError as e:
             return {"skipped": f"{side}: {e}"}
@@ -112,36 +145,47 @@ def measure(side: str, model: str, streams: int, max_new: int, repeats: int, vll
 def run_against(
     model: str | None,
     against: list[str],
+    adapter: str | None = None,
+    dtype: str | None = None,
     streams: int = 8,
     max_new_tokens: int = 128,
     repeats: int = 2,
     vllm_python: str | None = None,
     progress=print,
 ) -> dict:
-    """{"model", "streams", "max_new_tokens", "machine", "sides": {side: figures}}."""
+    """{"model", "adapter", "dtype", "streams", "max_new_tokens", "machine", "sides": {side:
+    figures}}; ``model`` defaults to the adapter's base, else the bundled model."""
     import os
 
+    from loraforge.adapters import resolve_adapter
     from loraforge.bench.report import machine_info
     from loraforge.models import DEFAULT_MODEL
 
+    if adapter:
+        model = model or resolve_adapter(adapter).base_model
+        resolve_adapter(adapter, model)  # one line when the adapter is not for --model
     model = model or DEFAULT_MODEL
     machine = machine_info()
     machine["loadavg"] = round(os.getloadavg()[0], 2)
     sides = {}
     for side in ("loraforge", *against):
         progress(f"{side}: 1 and {streams} streams...")
-        sides[side] = measure(side, model, streams, max_new_tokens, repeats, vllm_python)
+        sides[side] = measure(
+            side, model, adapter, dtype, streams, max_new_tokens, repeats, vllm_python
+        )
         if "skipped" in sides[side]:
             progress(sides[side]["skipped"])
-    res = dict(model=model, streams=streams, max_new_tokens=max_new_tokens, machine=machine)
+    res = dict(model=model, adapter=adapter, dtype=dtype or "bfloat16", streams=streams)
+    res.update(max_new_tokens=max_new_tokens, machine=machine)
     return {**res, "sides": sides}
 
 
 AGAINST_HEADER = [
-    "| date (UTC) | machine | model, new tokens | server | 1 stream tok/s (× loraforge) "
+    "| date (UTC) | machine | model + adapter, new tokens | server | 1 stream tok/s (× loraforge) "
     "| 8 streams tok/s (× loraforge) |",
     "|---|---|---|---|---|---|",
 ]
+WEIGHTS = {"vllm": "bf16", "llama.cpp": "f16 GGUF"}
 
 
 def markdown_rows(res: dict) -> list[str]:
@@ -149,9 +193,11 @@ def markdown_rows(res: dict) -> list[str]:
 
     base = res["sides"]["loraforge"]
     where = f"{machine_description(res['machine'])}, load avg {res['machine']['loadavg']}"
+    what = res["model"] + (f" + {Path(res['adapter']).name}" if res.get("adapter") else "")
     rows = []
     for side, f in res["sides"].items():
-        head = f"| {where} | {res['model']}, {res['max_new_tokens']} | {side} "
+        weights = WEIGHTS.get(side, res.get("dtype", "bfloat16"))
+        head = f"| {where} | {what}, {res['max_new_tokens']} | {side} ({weights}) "
         if "skipped" in f:
             rows.append(head + f"| {f['skipped']} | |")
             continue

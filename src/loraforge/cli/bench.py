@@ -38,6 +38,9 @@ def bench_generate(
         help="Other servers to run side by side with `loraforge serve`: vllm,llama.cpp "
         "(each one that is installed).",
     ),
+    adapter: str = typer.Option(
+        None, help="With --against: every server answers through this adapter dir."
+    ),
     json_schema: str = typer.Option(
         None,
         help="A JSON schema file: instead, constrained vs free decode speed in one run "
@@ -49,8 +52,10 @@ def bench_generate(
 
     if json_schema:
         return _constrained(model, json_schema, streams, max_new_tokens, dtype, json_out)
+    if adapter and not against:
+        raise typer.BadParameter("--adapter goes with --against (one adapter on every server)")
     if against:
-        return _against(model, against, streams, max_new_tokens, json_out, markdown)
+        return _against(model, against, adapter, dtype, streams, max_new_tokens, json_out, markdown)
     res = run_bench(
         model, adapters, max_new_tokens, streams, dtype, repeats=repeats, progress=_progress
     )
@@ -72,7 +77,7 @@ def _constrained(model, schema_file: str, streams: int, max_new: int, dtype, jso
         Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
 
 
-def _against(model, against: str, streams: int, max_new: int, json_out, markdown) -> None:
+def _against(model, against: str, adapter, dtype, streams: int, max_new: int, json_out, markdown):
     import json
 
     from loraforge.bench import against as ag
@@ -81,7 +86,7 @@ def _against(model, against: str, streams: int, max_new: int, json_out, markdown
     unknown = [s for s in sides if s not in ag.BACKENDS]
     if unknown:
         raise typer.BadParameter(f"--against {','.join(unknown)}: one of {', '.join(ag.BACKENDS)}")
-    res = ag.run_against(model, sides, streams, max_new, progress=_progress)
+    res = ag.run_against(model, sides, adapter, dtype, streams, max_new, progress=_progress)
     ag.print_against(res)
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=2))

@@ -42,8 +42,12 @@ CMAKE_ARGS = (
     "-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 )
 # What the converters import besides torch/transformers/numpy (sentencepiece even for a BPE
-# tokenizer) and what llama_cpp imports at start-up: the `gguf` extra of pyproject.toml.
-PYTHON_DEPS = ["sentencepiece>=0.2", "diskcache>=5.6"]
+# tokenizer), what llama_cpp imports at start-up and what its server imports (for `bench generate
+# --against llama.cpp`): the `gguf` extra of pyproject.toml.
+PYTHON_DEPS = [
+    "sentencepiece>=0.2", "diskcache>=5.6",
+    "pydantic-settings>=2.0.1", "sse-starlette>=1.6.1", "starlette-context>=0.3.6,<0.4",
+]  # fmt: skip
 _VENDORED = "vendor/llama.cpp/"
 _WANTED = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 

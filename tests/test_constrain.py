@@ -48,10 +48,12 @@ def _valid(text: str, schema: dict = SCHEMA) -> dict:
     return value
 
 
-def test_specs_are_hashable_and_canonical():
+def test_specs_are_hashable_and_keep_key_order():
     a = constrain.json_schema({"type": "object", "required": ["x"]})
-    b = constrain.json_schema({"required": ["x"], "type": "object"})
-    assert a == b and hash(a) == hash(b)  # key order does not make a second compiled grammar
+    b = constrain.json_schema({"type": "object", "required": ["x"]})
+    assert a == b and hash(a) == hash(b)  # equal schemas share one compiled grammar
+    c = constrain.json_schema({"required": ["x"], "type": "object"})
+    assert a != c  # the key order is the order properties are written in
     assert a != constrain.json_object()
     t = constrain.tagged("<tool_call>\n", [SCHEMA, {"type": "object"}], "\n</tool_call>")
     assert t.kind == "tagged" and len(t.schemas) == 2
@@ -85,7 +87,7 @@ def _walk(spec, tokenizer, seed: int, steps: int = 200) -> tuple[str, list[bool]
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_scores_under_the_mask_give_a_valid_document(tokenizer, seed):
     text, stop_allowed = _walk(constrain.json_schema(SCHEMA), tokenizer, seed)
-    _valid(text)
+    assert list(_valid(text)) == list(SCHEMA["properties"])  # written in the schema's order
     assert not any(stop_allowed)  # end-of-turn only once the object is whole
 
 
@@ -99,7 +101,8 @@ def test_tagged_output_is_begin_one_call_end(tokenizer):
     }
     text, _ = _walk(constrain.tagged("<tool_call>\n", [call], "\n</tool_call>"), tokenizer, 3)
     assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
-    _valid(text[len("<tool_call>\n") : -len("\n</tool_call>")], call)
+    value = _valid(text[len("<tool_call>\n") : -len("\n</tool_call>")], call)
+    assert list(value) == ["name", "arguments"]  # as the model was trained to write a call
 
 
 def test_a_stop_token_is_allowed_once_the_value_may_end(tokenizer):

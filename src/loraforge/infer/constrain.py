@@ -41,7 +41,8 @@ class GrammarSpec:
 
     ``kind``: "json_object" (any JSON object), "json_schema" (one schema) or "tagged" (literal
     ``begin``, one JSON value matching any of ``schemas``, literal ``end``). Schemas are kept as
-    canonical JSON text (sorted keys) so equal schemas share one compiled grammar."""
+    compact JSON text so equal schemas share one compiled grammar; their key order is kept, as
+    it is the order the properties are written in (OpenAI's structured outputs follow it)."""
 
     kind: str
     schemas: tuple[str, ...] = ()
@@ -53,7 +54,9 @@ class GrammarSpec:
 def _canonical(schema: dict) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # Not sort_keys: sorted, a forced tool call came out {"arguments": ..., "name": ...}, not in
+    # the order the model was trained to write, and a response_format object not in the schema's.
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 def json_object() -> GrammarSpec:

@@ -134,7 +134,6 @@ def test_long_csv_cell_is_read_whole(nasty):
 def test_content_text():
     assert content_text([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
     assert content_text({"type": "text", "text": "a"}) == "a"
-    assert content_text([{"type": "image_url"}, {"text": "x"}], skip_other=True) == "x"
     with pytest.raises(RecordProblem, match="content part 0 .image_url. is not text"):
         content_text([{"type": "image_url"}])
 

@@ -184,6 +184,88 @@ def test_compare_tab_answers_side_by_side(ui_url, browser):
     assert final[0] != final[1]  # base and adapter answer differently
 
 
+@pytest.fixture(scope="module")
+def tools_ui_url(tiny_model_dir, tmp_path_factory):
+    """The studio over an engine whose answers are scripted by what the prompt holds: a call of
+    get_weather when the tools are in it, an answer from the result once a result is in it."""
+    from loraforge.infer.engine import Engine
+    from loraforge.tools import call_text
+    from loraforge.webui.app import CSS, build_studio
+    from loraforge.webui.jobs import JobStore
+
+    class ScriptedEngine(Engine):
+        def submit(self, ids, params, adapter=None):
+            prompt = self.tokenizer.decode(ids)
+            text = "Sure."
+            if "get_weather" in prompt:
+                call = {"function": {"name": "get_weather", "arguments": WEATHER}}
+                text = "It is 18 °C in Paris." if '"temperature"' in prompt else call_text([call])
+            return Scripted(text[i : i + 4] for i in range(0, len(text), 4))
+
+    class Scripted(list):  # a request handle: iterating gives the text, in pieces
+        def cancel(self) -> None:
+            pass
+
+    engine = ScriptedEngine(str(tiny_model_dir), {}, dtype="float32")
+    home = tmp_path_factory.mktemp("studio-tools-home")
+    demo = build_studio(engine, JobStore(home), home / "data")
+    demo.queue(default_concurrency_limit=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True
+    )
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    engine.close()
+
+
+WEATHER = {"city": "Paris", "unit": "celsius"}
+
+
+def test_chat_shows_a_tool_call_and_takes_its_result(tools_ui_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    def shown(selector):
+        return [e for e in browser.find_elements(By.CSS_SELECTOR, selector) if e.is_displayed()]
+
+    browser.get(tools_ui_url)
+    open_tab(browser, "Chat")
+    wait_for(lambda: shown("#chat-input textarea"), what="chat input")
+    assert not shown("#tool-result textarea")  # no call waiting: no result box
+    [b for b in browser.find_elements(By.CSS_SELECTOR, "button") if "Tools" in b.text][0].click()
+    wait_for(lambda: shown("#tools-example"), what="the example button")[0].click()
+    wait_for(
+        lambda: (
+            "convert_currency"
+            in browser.find_element(By.CSS_SELECTOR, "#chat-tools textarea").get_attribute("value")
+        ),
+        what="the example tools",
+    )
+    shown("#chat-input textarea")[0].send_keys("What's the weather in Paris?", Keys.ENTER)
+    result = wait_for(lambda: shown("#tool-result textarea"), what="the tool result box")[0]
+    chat = browser.find_element(By.CSS_SELECTOR, "#chatbot").text
+    assert "Tool call: get_weather" in chat and "Paris" in chat, chat
+    label = browser.find_element(By.CSS_SELECTOR, "#tool-result").text
+    assert "Result of get_weather(" in label, label
+    result.send_keys('{"temperature": 18, "unit": "celsius"}')
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.execute_script("document.querySelector('#chatbot').scrollIntoView()")
+    browser.save_screenshot(str(ARTIFACTS / "studio-tools-call.png"))
+    browser.find_element(By.CSS_SELECTOR, "#tool-send").click()
+    wait_for(
+        lambda: "It is 18 °C in Paris." in browser.find_element(By.CSS_SELECTOR, "#chatbot").text,
+        what="the answer from the tool result",
+    )
+    chat = browser.find_element(By.CSS_SELECTOR, "#chatbot").text
+    assert "Result of get_weather" in chat
+    wait_for(lambda: not shown("#tool-result textarea"), what="the result box to go")
+    browser.execute_script("document.querySelector('#chatbot').scrollIntoView()")
+    browser.save_screenshot(str(ARTIFACTS / "studio-tools.png"))
+
+
 @pytest.mark.parametrize("verb", ["studio", "webui"])
 def test_cli_studio_subprocess(tiny_model_dir, tmp_path, verb):
     """`loraforge studio` (and its former name `webui`): binds 127.0.0.1 and serves the page."""

@@ -140,11 +140,10 @@ def _turns(value, key: str) -> list:
     return value
 
 
-def content_text(value, where: str = "content", skip_other: bool = False) -> str:
-    """The text of a message's content: a string, or OpenAI / Gradio content parts
-    (``[{"type": "text", "text": ...}, ...]``, or one such part) joined. Training data, the API
-    server and the web UI all read content through this. A part that is not text is a
-    RecordProblem, or left out with ``skip_other`` (the web UI's file parts)."""
+def content_text(value, where: str = "content") -> str:
+    """The text of a message's content: a string, or OpenAI content parts
+    (``[{"type": "text", "text": ...}, ...]``, or one such part) joined. Training data and the
+    API server read content through this. A part that is not text is a RecordProblem."""
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list | tuple):
@@ -157,7 +156,7 @@ def content_text(value, where: str = "content", skip_other: bool = False) -> str
                 and isinstance(text, str)
             ):
                 texts.append(text)
-            elif not skip_other:
+            else:
                 kind = part.get("type") if isinstance(part, dict) else _kind(part)
                 raise RecordProblem(
                     f"{where}: content part {i} ({kind}) is not text; only text parts are supported"

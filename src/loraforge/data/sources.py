@@ -19,10 +19,10 @@ from typing import TypeVar
 from loraforge.errors import UserError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-_BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
 # selfcog: the self-cognition set ({{NAME}}/{{AUTHOR}}); general: the bundled model's own answers
 # to general questions (`loraforge data distill`), mixed in to keep its everyday behaviour.
-BUILTIN = {"selfcog": _BUILTIN_DIR / "selfcog.jsonl", "general": _BUILTIN_DIR / "general.jsonl"}
+BUILTIN = {"selfcog": BUILTIN_DIR / "selfcog.jsonl", "general": BUILTIN_DIR / "general.jsonl"}
 
 T = TypeVar("T")
 

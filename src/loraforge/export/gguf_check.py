@@ -161,9 +161,10 @@ def _render_with_gguf_template(gguf_path: Path, tokenizer) -> list[str]:
 def _eval_sequences(tokenizer, source) -> list[list]:
     """[ids up to the last answer token, index of the first answer token] per evaluation
     conversation, rendered as training renders them."""
+    from loraforge.data.sources import BUILTIN
     from loraforge.data.tokenize import IGNORE_INDEX, encode_conversation
 
-    path = Path(__file__).parent.parent / "data" / "builtin" / "general.jsonl"
+    path = BUILTIN["general"]
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     out = []
     for rec in records[-EVAL_RECORDS:]:

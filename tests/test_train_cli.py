@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def test_sft_config_file_flags_and_artefacts(tmp_path, tiny_model_dir, dataset):
 
     for name in ("adapter_config.json", "adapter_model.safetensors", "loraforge.json"):
         assert (out / name).is_file(), name
+        # readable as the umask allows (0o644 here), not safetensors' owner-only 0o600
+        assert (out / name).stat().st_mode & 0o044 == 0o044 & ~_umask(), name
     assert (out / "loss.png").stat().st_size > 0
     assert list((out / "tb").glob("events.out.tfevents.*"))
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -113,3 +116,9 @@ def test_sft_selfcog_on_bundled_model(tmp_path):
     assert "adapter:" in r.output and "examples" in r.output
     tuned = PeftModel.from_pretrained(load_model("smollm2-135m"), out, is_trainable=True)
     assert _trainable_printed(r.output) == tuned.get_nb_trainable_parameters()[0] > 0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

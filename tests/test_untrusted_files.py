@@ -62,6 +62,30 @@ def test_atomic_dir_replaces_or_keeps(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_take_the_umask_not_owner_only(tmp_path, mask):
+    """Temp files and dirs are 0o600 / 0o700 and safetensors writes 0o600: an adapter or merged
+    dir written so could not be read by a vLLM container or service running as another user."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loraforge.fsutil import atomic_write_text
+
+    old = os.umask(mask)
+    try:
+        with atomic_dir(tmp_path / "merged") as t:
+            save_file({"w": torch.zeros(2)}, t / "model.safetensors")
+            (t / "sub").mkdir()
+        atomic_write_text(tmp_path / "Modelfile", "FROM x.gguf\n")
+    finally:
+        os.umask(old)
+    merged = tmp_path / "merged"
+    assert merged.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (merged / "sub").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (merged / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "Modelfile").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 def _adapter_dir(path: Path, **meta) -> Path:
     path.mkdir()
     (path / "adapter_config.json").write_text("{}")

@@ -72,6 +72,24 @@ def replace_dir(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask(path: str | Path) -> None:
+    """Give ``path`` (a file, or a dir and everything under it) the modes a plain write would:
+    0o666 / 0o777 less the umask. Temp files and dirs are made owner-only (0o600 / 0o700) and
+    safetensors (0.8) writes 0o600 whatever the umask; left so, an adapter or merged dir could
+    not be read by a server running as another user (a vLLM container, a service account)."""
+    mask, path = _umask(), Path(path)
+    paths = [path] if path.is_file() else [path, *path.rglob("*")]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temp dir next to ``final``; when the block ends without an error, its
@@ -82,6 +100,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp
+        share_as_umask(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, final)
     finally:
@@ -99,6 +118,7 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        share_as_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ from loraforge.console import console
 from loraforge.cpu.memory import release_memory
 from loraforge.data.tokenize import Example, resolve_system, resolve_template
 from loraforge.errors import UserError
+from loraforge.fsutil import share_as_umask
 from loraforge.train import checkpoint as ckpt
 from loraforge.train import distributed as ddp
 from loraforge.train.data import (
@@ -386,6 +387,7 @@ class SFTRecipe:
             ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit, state.best_step)
             return
         model.save_pretrained(self.out, state_dict=weights)
+        share_as_umask(self.out / "adapter_model.safetensors")  # safetensors writes 0o600
         self._meta(self.out)
         plot_loss(self.out)
         tp, state = self.throughput, self.state

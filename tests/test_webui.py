@@ -41,13 +41,18 @@ def test_cli_does_not_import_gradio():
 @pytest.fixture(scope="module")
 def ui_url(tiny_model_dir, tmp_path_factory):
     from loraforge.infer.engine import Engine
-    from loraforge.webui.app import CSS, build_studio
-    from loraforge.webui.jobs import JobStore
 
     adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("runs") / "grace", seed=1)
     engine = Engine(str(tiny_model_dir), {"grace": str(adapter)}, dtype="float32")
-    home = tmp_path_factory.mktemp("studio-home")
-    demo = build_studio(engine, JobStore(home), home / "data", default_chat="grace")
+    yield from _studio(engine, tmp_path_factory.mktemp("studio-home"), default_chat="grace")
+
+
+def _studio(engine, home: Path, **kw):
+    """The studio over ``engine`` on a free port: yields its URL, closes both after."""
+    from loraforge.webui.app import CSS, build_studio
+    from loraforge.webui.jobs import JobStore
+
+    demo = build_studio(engine, JobStore(home), home / "data", **kw)
     demo.queue(default_concurrency_limit=4)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,8 +195,6 @@ def tools_ui_url(tiny_model_dir, tmp_path_factory):
     get_weather when the tools are in it, an answer from the result once a result is in it."""
     from loraforge.infer.engine import Engine
     from loraforge.tools import call_text
-    from loraforge.webui.app import CSS, build_studio
-    from loraforge.webui.jobs import JobStore
 
     class ScriptedEngine(Engine):
         def submit(self, ids, params, adapter=None):
@@ -207,18 +210,7 @@ def tools_ui_url(tiny_model_dir, tmp_path_factory):
             pass
 
     engine = ScriptedEngine(str(tiny_model_dir), {}, dtype="float32")
-    home = tmp_path_factory.mktemp("studio-tools-home")
-    demo = build_studio(engine, JobStore(home), home / "data")
-    demo.queue(default_concurrency_limit=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True
-    )
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    engine.close()
+    yield from _studio(engine, tmp_path_factory.mktemp("studio-tools-home"))
 
 
 WEATHER = {"city": "Paris", "unit": "celsius"}

@@ -17,6 +17,7 @@ server answers through that LoRA adapter (the deployed case), else through the b
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,6 @@ from loraforge.bench.generate import PROMPTS
 from loraforge.bench.served import Client, free_port, stop_server
 
 BACKENDS = ("vllm", "llama.cpp")
-
-
 SERVED_NAME = "bench"  # the adapter's name on every server, and what requests ask for
 LLAMA_SERVER_DEPS = ("pydantic_settings", "sse_starlette", "starlette_context")
 
@@ -77,9 +76,10 @@ def _llama_cpp_cmd(model: str, adapter: str | None, port: int, tmp: Path) -> lis
             export_gguf(lora, adapter=adapter, lora_only=True, echo=lambda m: None)
     except UserError as e:
         return f"llama.cpp: {e}"
+    threads = str(os.cpu_count() or 1)  # every core, as torch uses for the other servers
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(base), "--port", str(port),
-        "--n_threads", "2", "--n_ctx", "2048", "--api_key", "soak-key",
+        "--n_threads", threads, "--n_ctx", "2048", "--api_key", "soak-key",
     ]  # fmt: skip
     return cmd + (["--lora_path", str(lora)] if adapter else [])
 
@@ -155,8 +155,6 @@ def run_against(
 ) -> dict:
     """{"model", "adapter", "dtype", "streams", "max_new_tokens", "machine", "sides": {side:
     figures}}; ``model`` defaults to the adapter's base, else the bundled model."""
-    import os
-
     from loraforge.adapters import resolve_adapter
     from loraforge.bench.report import machine_info
     from loraforge.models import DEFAULT_MODEL
